@@ -1,0 +1,172 @@
+"""Defaults for train.py and predict.py. Edit them here, or override any of them
+on the command line: NAME becomes --name, with dashes (DATA_DIR -> --data-dir).
+"""
+
+# data
+DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | folder
+DATA_DIR = "data"  # where the dataset is read from (and downloaded to, if it is missing)
+DOWNLOAD = True  # download cifar10, cifar100 or fashion-mnist into DATA_DIR when it is not there
+IMAGE_SIZE = 32  # side of the square images that a 'folder' dataset is resized to
+VAL_SIZE = 5000  # training images held out (stratified) to pick the best epoch
+OUT_DIR = "checkpoints"  # checkpoints, logs and results go to OUT_DIR/<dataset>/
+
+# models and stages
+TEACHER = "airnet_l"  # teacher model, a name from models.MODELS
+STUDENT = "airnet_s"  # student model, a name from models.MODELS
+STAGES = "teacher,student,distilled"  # stages to run, in this order
+FRESH = False  # retrain stages whose checkpoint already exists
+METHOD = "kd"  # distillation method, a name from distill.METHODS
+
+# optimisation
+EPOCHS = (10, 10, 10)  # epochs of the teacher, student and distilled stages (one number sets all three)
+BATCH_SIZE = 512  # images per step
+OPTIMIZER = "sgd"  # sgd (Nesterov momentum) | adamw
+LR = 0.0  # peak learning rate; 0 takes the optimizer's own default (sgd 0.2, adamw 0.002)
+MOMENTUM = 0.9  # SGD momentum
+WEIGHT_DECAY = 5e-4  # decoupled for adamw, L2 for sgd; not applied to biases and norms
+WARMUP = 0.1  # fraction of the steps with a linear warm-up; the learning rate then decays linearly to zero
+LABEL_SMOOTHING = 0.1  # label smoothing of every cross-entropy term
+DROPOUT = 0.1  # dropout before the classifier of both networks
+CROP_PADDING = 4  # random-crop padding in pixels (0 disables)
+FLIP = True  # random horizontal flips
+EARLY_SIZE = 0  # image side for the first EARLY_EPOCHS of each stage, a cheap start (0: full size throughout)
+EARLY_EPOCHS = 0.5  # fraction of each stage's epochs trained at EARLY_SIZE
+TTA = True  # evaluate on each image and its mirror, averaging the predictions
+
+# distillation
+TEMPERATURE = 4.0  # softmax temperature T of the distillation term
+ALPHA = 0.9  # weight of the distillation term; CE gets 1 - ALPHA (some repos use the opposite convention)
+
+# runtime
+SEED = 0  # seed of initialisation, data order, augmentation and the validation split
+DEVICE = "auto"  # auto | cpu | cuda
+AMP = "auto"  # bf16 autocast: auto (on where the hardware does bf16 natively) | bf16 | off
+CHANNELS_LAST = True  # channels_last memory format, faster for convolutions on CPU and GPU
+COMPILE = False  # torch.compile the training step
+THREADS = 0  # CPU threads for torch (0: torch's default)
+
+
+# ---------------------------------------------------------------------------
+# Everything below turns the constants above into a validated command line.
+
+import argparse  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def _positive(value):
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value):
+    return None if value >= 0 else "must be >= 0"
+
+
+def _fraction(value):
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _unit(value):
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def _epochs(value):
+    return None if len(value) == 3 and all(v > 0 for v in value) else "must be one or three integers > 0"
+
+
+def _stages(value):
+    names = [s for s in value.split(",") if s]
+    known = ("teacher", "student", "distilled")
+    if not names or any(name not in known for name in names):
+        return f"must be a comma-separated list of {', '.join(known)}"
+    return None
+
+
+def _choice(*allowed):
+    return lambda value: None if value in allowed else f"must be one of {', '.join(allowed)}"
+
+
+_RULES = {  # constant -> check(value) returning an error or None
+    "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8",
+    "VAL_SIZE": _non_negative, "STAGES": _stages, "EPOCHS": _epochs, "BATCH_SIZE": _positive,
+    "LR": _non_negative, "MOMENTUM": _fraction, "WEIGHT_DECAY": _non_negative, "WARMUP": _fraction,
+    "LABEL_SMOOTHING": _fraction, "DROPOUT": _fraction, "CROP_PADDING": _non_negative,
+    "EARLY_SIZE": _non_negative, "EARLY_EPOCHS": _unit, "TEMPERATURE": _positive, "ALPHA": _unit, "SEED": _non_negative,
+    "DEVICE": _choice("auto", "cpu", "cuda"), "AMP": _choice("auto", "bf16", "off"), "THREADS": _non_negative,
+}
+
+
+def defaults():
+    """The constants of this module, by name."""
+    return {name: value for name, value in globals().items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", name)
+            and not callable(value)}
+
+
+def _comments():
+    """The comment after each constant, for --help."""
+    text = Path(__file__).read_text()
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", text, flags=re.M))
+
+
+def _parse_epochs(text):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give one integer or three, comma-separated")
+    return values * 3 if len(values) == 1 else values
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error as one line (no usage block) and exits with 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fail(flag, message, prog=None):
+    """Print a one-line configuration error naming the flag, and exit with 2."""
+    prog = prog or Path(sys.argv[0]).name
+    sys.stderr.write(f"{prog}: error: argument --{flag}: {message}\n")
+    raise SystemExit(2)
+
+
+def flag(name):
+    return name.lower().replace("_", "-")
+
+
+def parse(argv=None, description=None, names=None, choices=None, extra=None):
+    """Parse the command line into a dict of constants, validated.
+
+    names: the constants this program takes (all by default). choices: extra
+    allowed-name checks, e.g. {"TEACHER": models.MODELS}. extra: a function
+    that adds program-specific arguments to the parser; their values come back
+    under their lowercase dest names.
+    """
+    values = defaults()
+    names = list(values) if names is None else names
+    comments = _comments()
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name in names:
+        default = values[name]
+        help_text = comments.get(name, "")
+        option = f"--{flag(name)}"
+        if isinstance(default, bool):
+            parser.add_argument(option, dest=name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(option, dest=name, default=default, type=_parse_epochs, metavar="N[,N,N]",
+                                help=help_text)
+        else:
+            parser.add_argument(option, dest=name, default=default, type=type(default), metavar=type(default).__name__.upper(),
+                                help=help_text)
+    if extra:
+        extra(parser)
+    args = vars(parser.parse_args(argv))
+    for name in names:
+        check = _RULES.get(name)
+        problem = check(args[name]) if check else None
+        if problem is None and choices and name in choices and args[name] not in choices[name]:
+            problem = f"unknown name {args[name]!r}; choose one of {', '.join(sorted(choices[name]))}"
+        if problem:
+            fail(flag(name), f"{problem} (got {args[name]!r})", parser.prog)
+    return {**values, **args}

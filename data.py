@@ -1,0 +1,479 @@
+"""Datasets as whole uint8 tensors on the training device, and batched augmentation.
+
+Every dataset loader returns the train and test images as one uint8 tensor
+each, shaped (N, C, H, W), with int64 labels and class names. There is no
+per-sample Dataset or DataLoader: batches are sliced from the device tensor and
+augmented all at once (random crop with padding, horizontal flip), which is
+what makes small-network training fast (see airbench).
+
+Sources:
+- cifar10 / cifar100: the official python-batch archive or its extracted
+  folder, or a tree train/<class>/* + test/<class>/* of image files, in
+  DATA_DIR; otherwise torchvision downloads the archive.
+- fashion-mnist: the official IDX files (.gz or not) in DATA_DIR, then in
+  /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
+  otherwise torchvision downloads them.
+- folder: any train/<class>/* + test/<class>/* tree of images.
+Decoded image trees are cached (see `load_image_tree`).
+"""
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CACHE_VERSION = 1  # bump when the decoded-tree cache format changes
+
+
+class DataError(Exception):
+    """A problem with the user's data, reported as one line."""
+
+
+@dataclass
+class Splits:
+    """A dataset as uint8 image tensors (N, C, H, W) and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list
+    source: str  # where the data was read from, for logs
+
+
+# ---------------------------------------------------------------- images
+
+def load_image(path, size, channels=3):
+    """Decode one image file the way training data is decoded.
+
+    EXIF orientation is applied, any mode is converted to RGB (or L for one
+    channel; 16-bit and float images are rescaled to 8 bits), then the short
+    side is resized to `size` and the centre is cropped to size x size.
+    Returns a uint8 array (C, size, size). Raises DataError naming the file.
+    """
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                array = np.asarray(image, dtype=np.float64)
+                high = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                image = Image.fromarray(np.clip(array / high * 255.0, 0, 255).astype(np.uint8))
+            image = image.convert("RGB" if channels == 3 else "L")
+            if image.width < 2 or image.height < 2:
+                raise DataError(f"{path}: image is only {image.width}x{image.height} pixels; need at least 2x2")
+            if image.size != (size, size):
+                scale = size / min(image.size)
+                resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+                image = image.resize(resized, Image.Resampling.BILINEAR)
+                left, top = (image.width - size) // 2, (image.height - size) // 2
+                image = image.crop((left, top, left + size, top + size))
+            array = np.asarray(image, dtype=np.uint8)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path}: image too large ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path}: cannot read image ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def list_images(folder):
+    """Image files directly inside `folder`, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def class_folders(root):
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def is_image_tree(root):
+    root = Path(root)
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def tree_fingerprint(files):
+    """Hash of names, sizes and modification times: changes when the files do."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def decode_split(root, classes, size, channels):
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = Path(root) / name
+        found = list_images(folder) if folder.is_dir() else []
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"no image files found under {root}/<class>/; expected e.g. {root}/{classes[0]}/0001.png")
+    from tqdm import tqdm
+
+    images = np.stack([load_image(f, size, channels) for f in tqdm(files, desc=f"decoding {root}", leave=False, mininterval=1)])
+    return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_image_tree(root, size, channels, cache_dirs):
+    """Decode a train/<class>/*, test/<class>/* tree once, then reuse a cache.
+
+    The cache is a torch file named after the tree, the image size and the
+    channel count. It is written to the first writable folder of `cache_dirs`
+    and rebuilt whenever a file in the tree is added, removed or changed."""
+    root = Path(root)
+    classes = [p.name for p in class_folders(root / "train")]
+    if not classes:
+        raise DataError(f"{root}/train has no class folders; expected {root}/train/<class>/<image files>")
+    files = [f for split in ("train", "test") for c in classes if (root / split / c).is_dir()
+             for f in list_images(root / split / c)]
+    fingerprint = tree_fingerprint(files)
+    key = hashlib.sha256(f"{root.resolve()}|{size}|{channels}|{CACHE_VERSION}".encode()).hexdigest()[:12]
+    cache_name = f".decoded-{root.name}-{size}px-{channels}ch-{key}.pt"
+    for folder in cache_dirs:
+        cached = Path(folder) / cache_name
+        if cached.is_file():
+            try:
+                blob = torch.load(cached, weights_only=True)
+                if blob.get("fingerprint") == fingerprint:
+                    return Splits(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"],
+                                  blob["classes"], f"{root} (cached in {cached})")
+            except Exception:  # a stale or broken cache is simply rebuilt
+                pass
+    train_x, train_y = decode_split(root / "train", classes, size, channels)
+    test_x, test_y = decode_split(root / "test", classes, size, channels)
+    blob = {"fingerprint": fingerprint, "classes": classes, "train_x": train_x, "train_y": train_y,
+            "test_x": test_x, "test_y": test_y}
+    for folder in cache_dirs:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            temporary = Path(folder) / f"{cache_name}.tmp{os.getpid()}"
+            torch.save(blob, temporary)
+            os.replace(temporary, Path(folder) / cache_name)
+            break
+        except OSError:
+            continue
+    return Splits(train_x, train_y, test_x, test_y, classes, str(root))
+
+
+# ---------------------------------------------------------------- CIFAR
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches, which hold only numpy arrays, lists and bytes.
+
+    Anything else (a crafted file that would run code) is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _unpickle_batch(raw, name):
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        return {_text(k): v for k, v in batch.items()}
+    except Exception as error:
+        raise DataError(f"{name}: not a readable CIFAR python batch ({error})") from None
+
+
+CIFAR_LAYOUTS = {  # name -> folder inside the archive, train files, test files, meta file, label key, names key
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
+CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
+
+
+def _cifar_from_reader(read, where, name):
+    """Build Splits from CIFAR python batches; `read(file)` returns its bytes."""
+    folder, train_files, test_files, meta_file, label_key, names_key = CIFAR_LAYOUTS[name]
+
+    def load(files):
+        images, labels = [], []
+        for file in files:
+            batch = _unpickle_batch(read(file), f"{where}/{file}")
+            try:
+                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += list(batch[label_key])
+            except (KeyError, ValueError) as error:
+                raise DataError(f"{where}/{file}: not a {name} batch ({error})") from None
+        return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+    train_x, train_y = load(train_files)
+    test_x, test_y = load(test_files)
+    classes = [_text(c) for c in _unpickle_batch(read(meta_file), f"{where}/{meta_file}")[names_key]]
+    return Splits(train_x, train_y, test_x, test_y, classes, where)
+
+
+def _read_cifar_folder(path, name):
+    def read(file):
+        try:
+            return (Path(path) / file).read_bytes()
+        except OSError as error:
+            raise DataError(f"{path}/{file}: cannot read ({error.strerror})") from None
+
+    return _cifar_from_reader(read, str(path), name)
+
+
+def _read_cifar_archive(path, name):
+    folder = CIFAR_LAYOUTS[name][0]
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            members = {m.name: m for m in archive.getmembers() if m.isfile()}
+
+            def read(file):
+                member = members.get(f"{folder}/{file}")
+                if member is None:
+                    raise DataError(f"{path}: {folder}/{file} is missing from the archive; is it the {name} python archive?")
+                return archive.extractfile(member).read()
+
+            return _cifar_from_reader(read, str(path), name)
+    except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: corrupt or unreadable archive ({error}); delete it or download it again") from None
+
+
+def load_cifar(name, data_dir, cache_dirs, image_size, download=True):
+    data_dir = Path(data_dir)
+    folder = CIFAR_LAYOUTS[name][0]
+    archive = data_dir / CIFAR_ARCHIVES[name]
+    if is_image_tree(data_dir):
+        return load_image_tree(data_dir, 32, 3, cache_dirs)
+    if (data_dir / folder).is_dir():
+        return _read_cifar_folder(data_dir / folder, name)
+    if archive.is_file():
+        return _read_cifar_archive(archive, name)
+    if download:
+        import torchvision
+
+        dataset_class = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+        try:
+            dataset_class(str(data_dir), train=True, download=True)
+        except Exception as error:
+            raise DataError(
+                f"no {name} data in {data_dir} and the download failed ({str(error).splitlines()[0][:120]}). "
+                f"Put {CIFAR_ARCHIVES[name]} (or its extracted {folder}/, or a train/<class>/ + test/<class>/ "
+                f"image tree) in {data_dir}, or point --data-dir at it") from None
+        return _read_cifar_folder(data_dir / folder, name)
+    raise DataError(f"no {name} data in {data_dir}: put {CIFAR_ARCHIVES[name]} there, or point --data-dir at it")
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+                       "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+
+def read_idx(path):
+    """Read an IDX file (optionally gzip'd) into a numpy array."""
+    try:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as file:
+            raw = file.read()
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+            raise ValueError("bad magic number; not an unsigned-byte IDX file")
+        dims = raw[3]
+        shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+        body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+        if body.size != int(np.prod(shape)):
+            raise ValueError(f"holds {body.size} bytes of data, header says {shape}")
+        return body.reshape(shape)
+    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: corrupt or unreadable IDX file ({error})") from None
+
+
+def _find_idx(folder, stem):
+    for candidate in (Path(folder) / stem, Path(folder) / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True):
+    folders = [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw", Path(FASHION_MNIST_SYSTEM_DIR)]
+    for folder in folders:
+        found = {key: _find_idx(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
+        if all(found.values()):
+            arrays = {key: read_idx(path) for key, path in found.items()}
+            return Splits(torch.from_numpy(arrays["train_x"].copy())[:, None], torch.from_numpy(arrays["train_y"].astype(np.int64)),
+                          torch.from_numpy(arrays["test_x"].copy())[:, None], torch.from_numpy(arrays["test_y"].astype(np.int64)),
+                          list(FASHION_MNIST_CLASSES), str(folder))
+    looked = ", ".join(str(f) for f in folders)
+    if download:
+        import torchvision
+
+        try:
+            torchvision.datasets.FashionMNIST(str(data_dir), train=True, download=True)
+            torchvision.datasets.FashionMNIST(str(data_dir), train=False, download=True)
+        except Exception as error:
+            raise DataError(f"no Fashion-MNIST IDX files in {looked} and the download failed "
+                            f"({str(error).splitlines()[0][:120]}). Install them with "
+                            f"'apt-get install dataset-fashion-mnist', or put the four *-ubyte.gz files in "
+                            f"a folder and pass --data-dir") from None
+        return load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=False)
+    raise DataError(f"no Fashion-MNIST IDX files in {looked}")
+
+
+# ---------------------------------------------------------------- image folders
+
+def load_folder(name, data_dir, cache_dirs, image_size, download=True):
+    if not is_image_tree(data_dir):
+        raise DataError(f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
+                        f"{data_dir}/test/<class>/*; point --data-dir at such a folder")
+    return load_image_tree(data_dir, image_size, 3, cache_dirs)
+
+
+DATASETS = {  # name -> loader(name, data_dir, cache_dirs, image_size, download)
+    "cifar10": load_cifar,
+    "cifar100": load_cifar,
+    "fashion-mnist": load_fashion_mnist,
+    "folder": load_folder,
+}
+
+
+# ---------------------------------------------------------------- splits and batches
+
+def stratified_split(labels, val_size, seed):
+    """Indices (train, val) with `val_size` validation items, classes in proportion.
+
+    Each class gives floor(val_size * share) items, and the remaining items go
+    to the classes with the largest remainders, so the total is exact."""
+    labels = labels.cpu()
+    n = len(labels)
+    if not 0 <= val_size < n:
+        raise DataError(f"--val-size {val_size} must be between 0 and the {n} training images minus one")
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(labels)
+    exact = counts.double() * val_size / n
+    take = exact.floor().long()
+    remainder = val_size - int(take.sum())
+    take[torch.argsort(exact - take, descending=True, stable=True)[:remainder]] += 1
+    train_parts, val_parts = [], []
+    for label, count in enumerate(take.tolist()):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        val_parts.append(members[:count])
+        train_parts.append(members[count:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+@dataclass
+class Data:
+    """Train, validation and test tensors on the training device, ready to batch."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list
+    mean: tuple  # per channel, in [0, 1]
+    std: tuple
+    source: str
+
+    @property
+    def in_channels(self):
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self):
+        return self.train_x.shape[-1]
+
+
+def load(name, data_dir, cache_dirs=(), image_size=32, val_size=5000, seed=0, device="cpu", download=True):
+    """Load dataset `name`, carve a stratified validation split, move to `device`."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    splits = DATASETS[name](name, data_dir, [data_dir, *cache_dirs], image_size, download)
+    if len(splits.classes) < 2:
+        raise DataError(f"{splits.source}: need at least two classes, found {len(splits.classes)}")
+    train_idx, val_idx = stratified_split(splits.train_y, val_size, seed)
+    train_x = splits.train_x[train_idx]
+    mean, std = channel_stats(train_x)
+    return Data(train_x.to(device), splits.train_y[train_idx].to(device),
+                splits.train_x[val_idx].to(device), splits.train_y[val_idx].to(device),
+                splits.test_x.to(device), splits.test_y.to(device), list(splits.classes),
+                mean, std, splits.source)
+
+
+def channel_stats(images):
+    """Exact per-channel mean and std in [0, 1] of uint8 images, from histograms."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        counts = torch.bincount(images[:, channel].flatten().long(), minlength=256).double()
+        counts /= counts.sum()
+        mean = float((counts * values).sum())
+        means.append(mean)
+        stds.append(max(float((counts * (values - mean) ** 2).sum()) ** 0.5, 1e-3))
+    return tuple(means), tuple(stds)
+
+
+def normalize(images, mean, std, channels_last=True):
+    """uint8 (N, C, H, W) -> float32 normalised, channels_last by default."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    out = (images.float() - mean) / std
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def augment(images, padding, flip, generator):
+    """Random crop with zero padding and random horizontal flip, for a whole batch.
+
+    Each image gets its own offset in [0, 2 * padding] along each axis, taken
+    with one gather, and its own coin for the flip."""
+    n, _, height, width = images.shape
+    device = images.device
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        rows = (dy + torch.arange(height, device=device))[:, None, :, None]
+        cols = (dx + torch.arange(width, device=device))[:, None, None, :]
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
+        images = padded[batch, channel, rows, cols]
+    if flip:
+        coin = torch.rand(n, device=device, generator=generator) < 0.5
+        images = torch.where(coin[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+def train_batches(data, batch_size, padding, flip, generator, channels_last=True, size=0):
+    """One epoch of shuffled, augmented, normalised batches; drops the last partial batch.
+
+    With `size` > 0 the batches are downscaled to size x size (antialiased
+    bilinear): early epochs at low resolution cost a fraction of the compute."""
+    n = len(data.train_y)
+    batch_size = min(batch_size, n)
+    order = torch.randperm(n, device=data.train_x.device, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        index = order[start:start + batch_size]
+        images = normalize(augment(data.train_x[index], padding, flip, generator), data.mean, data.std, False)
+        if 0 < size < images.shape[-1]:
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+        yield (images.contiguous(memory_format=torch.channels_last) if channels_last else images), data.train_y[index]
+
+
+def steps_per_epoch(data, batch_size):
+    return len(data.train_y) // min(batch_size, len(data.train_y))

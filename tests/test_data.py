@@ -1,0 +1,188 @@
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import (CIFAR10_NAMES, write_cifar10, write_cifar100, write_fashion_mnist, write_image_tree)
+
+
+def check_splits(splits, n_train, n_test, shape, num_classes):
+    assert splits.train_x.dtype == torch.uint8 and splits.test_x.dtype == torch.uint8
+    assert splits.train_y.dtype == torch.int64
+    assert tuple(splits.train_x.shape) == (n_train, *shape)
+    assert tuple(splits.test_x.shape) == (n_test, *shape)
+    assert len(splits.classes) == num_classes
+    assert int(splits.train_y.min()) >= 0 and int(splits.train_y.max()) < num_classes
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_cifar10_archive_and_folder(tmp_path, archive):
+    write_cifar10(tmp_path, per_class_train=6, per_class_test=2, archive=archive)
+    splits = data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+    check_splits(splits, 60, 20, (3, 32, 32), 10)
+    assert splits.classes == CIFAR10_NAMES
+    assert torch.bincount(splits.train_y).tolist() == [6] * 10
+
+
+def test_cifar10_pixels_keep_their_channel_order(tmp_path):
+    write_cifar10(tmp_path, archive=False)
+    splits = data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+    # the generator brightens channel label % 3 of every image
+    for image, label in zip(splits.train_x[:10], splits.train_y[:10]):
+        means = image.float().mean(dim=(1, 2))
+        assert int(means.argmax()) == int(label) % 3
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_cifar100_archive_and_folder(tmp_path, archive):
+    write_cifar100(tmp_path, archive=archive)
+    splits = data.load_cifar("cifar100", tmp_path, [], 32, download=False)
+    check_splits(splits, 200, 100, (3, 32, 32), 100)
+    assert splits.classes[:2] == ["class000", "class001"]
+
+
+def test_cifar_image_tree(tmp_path):
+    write_image_tree(tmp_path, classes=CIFAR10_NAMES[:4], per_class_train=3, per_class_test=2, mixed=False)
+    splits = data.load_cifar("cifar10", tmp_path, [tmp_path], 32, download=False)
+    check_splits(splits, 12, 8, (3, 32, 32), 4)
+    assert splits.classes == CIFAR10_NAMES[:4]
+
+
+def test_corrupt_cifar_archive_is_named(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(data.DataError, match="cifar-10-python.tar.gz: corrupt"):
+        data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+
+
+def test_crafted_cifar_pickle_is_refused(tmp_path):
+    folder = write_cifar10(tmp_path, archive=False)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    import pickle
+
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(data.DataError, match="data_batch_1"):
+        data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_missing_data_says_where_and_how(tmp_path):
+    with pytest.raises(data.DataError) as error:
+        data.load_cifar("cifar10", tmp_path / "nowhere", [], 32, download=False)
+    assert "nowhere" in str(error.value) and "cifar-10-python.tar.gz" in str(error.value)
+    assert "--data-dir" in str(error.value)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_idx(tmp_path, compress):
+    arrays = write_fashion_mnist(tmp_path, compress=compress)
+    splits = data.load_fashion_mnist("fashion-mnist", tmp_path, [], 28, download=False)
+    check_splits(splits, 40, 20, (1, 28, 28), 10)
+    assert torch.equal(splits.train_x[:, 0], torch.from_numpy(arrays["train"][0]))
+    assert splits.train_y.tolist() == arrays["train"][1].tolist()
+    assert splits.classes[0] == "T-shirt/top"
+
+
+def test_truncated_idx_is_named(tmp_path):
+    write_fashion_mnist(tmp_path, compress=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte: corrupt"):
+        data.load_fashion_mnist("fashion-mnist", tmp_path, [], 28, download=False)
+
+
+def test_folder_of_mixed_sizes_and_modes(tmp_path):
+    root = write_image_tree(tmp_path / "tree", per_class_train=8, per_class_test=3, mixed=True)
+    splits = data.load_folder("folder", root, [tmp_path / "cache"], 24)
+    check_splits(splits, 24, 9, (3, 24, 24), 3)
+    assert splits.classes == ["cat", "dog", "fish"]
+    assert splits.train_y.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+def test_image_tree_cache_is_reused_and_rebuilt_on_change(tmp_path):
+    root = write_image_tree(tmp_path / "tree", per_class_train=2, per_class_test=1, mixed=False)
+    (tmp_path / "unwritable").write_text("a file where a folder should be")
+    first = data.load_folder("folder", root, [tmp_path / "unwritable", tmp_path / "out"], 32)
+    caches = list((tmp_path / "out").glob(".decoded-*.pt"))
+    assert len(caches) == 1
+    stamp = caches[0].stat().st_mtime_ns
+    again = data.load_folder("folder", root, [tmp_path / "out"], 32)
+    assert caches[0].stat().st_mtime_ns == stamp and "cached" in again.source
+    assert torch.equal(first.train_x, again.train_x)
+    time.sleep(0.01)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "cat" / "extra.png")
+    changed = data.load_folder("folder", root, [tmp_path / "out"], 32)
+    assert len(changed.train_y) == len(first.train_y) + 1
+
+
+def test_corrupt_image_in_tree_is_named(tmp_path):
+    root = write_image_tree(tmp_path, per_class_train=2, per_class_test=1, mixed=False)
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(data.DataError, match="broken.jpg"):
+        data.load_folder("folder", root, [tmp_path], 32)
+
+
+def test_validation_split_is_disjoint_stratified_and_seeded():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    train, val = data.stratified_split(labels, 10, seed=3)
+    assert len(val) == 10 and len(train) == 90
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(100))
+    assert torch.bincount(labels[val]).tolist() == [5, 3, 2]
+    assert torch.equal(val, data.stratified_split(labels, 10, seed=3)[1])
+    assert not torch.equal(val, data.stratified_split(labels, 10, seed=4)[1])
+
+
+def test_load_moves_to_device_and_normalises(tmp_path):
+    write_cifar10(tmp_path, archive=False)
+    dataset = data.load("cifar10", tmp_path, val_size=10, download=False)
+    assert len(dataset.val_y) == 10 and len(dataset.train_y) == 50
+    assert torch.bincount(dataset.val_y).tolist() == [1] * 10
+    batch = data.normalize(dataset.train_x, dataset.mean, dataset.std)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert batch.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (batch.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
+
+
+def test_augment_keeps_shape_and_labels_and_flips_really_flip():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).reshape(2, 3, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    flipped_any = False
+    for _ in range(20):
+        out = data.augment(images, padding=0, flip=True, generator=generator)
+        assert out.shape == images.shape
+        for i in range(2):  # each image is either itself or its mirror: labels stay aligned
+            assert torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(-1))
+            flipped_any |= torch.equal(out[i], images[i].flip(-1))
+    assert flipped_any
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    images = torch.randint(1, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(1)
+    out = data.augment(images, padding=2, flip=False, generator=generator)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    shifted = 0
+    for i in range(16):
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert windows, "crop is not a window of the padded image"
+        shifted += windows != [(2, 2)]
+    assert shifted > 8
+
+
+def test_train_batches_cover_the_epoch_once(tmp_path):
+    write_cifar10(tmp_path, archive=False)
+    dataset = data.load("cifar10", tmp_path, val_size=0, download=False)
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.cat([y for _, y in data.train_batches(dataset, 20, 4, True, generator)])
+    assert len(labels) == 60 and torch.equal(torch.bincount(labels), torch.bincount(dataset.train_y))
+    small = next(data.train_batches(dataset, 20, 4, True, generator, size=16))[0]
+    assert small.shape == (20, 3, 16, 16)

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+import models
+from conftest import FAST, assert_one_line_error, run_script, write_cifar10
+
+
+def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "out"
+    result = run_script("train.py", "--data-dir", tmp_path / "data", "--out-dir", out, *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = out / "cifar10"
+    for stage in ("teacher", "student", "distilled"):
+        checkpoint = models.load_checkpoint(folder / f"{stage}.pt")
+        assert checkpoint["stage"] == stage and checkpoint["classes"][0] == "airplane"
+        assert checkpoint["image_size"] == 32 and checkpoint["in_channels"] == 3 and len(checkpoint["mean"]) == 3
+        model = models.checkpoint_model(checkpoint)
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+        log = [json.loads(line) for line in (folder / f"{stage}.jsonl").read_text().splitlines()]
+        assert len(log) == 1 and {"epoch", "loss", "train_acc", "val_acc", "lr", "seconds"} <= set(log[0])
+    results = json.loads((folder / "results.json").read_text())
+    assert set(results) == {"teacher", "student", "distilled"}
+    for row in results.values():
+        assert {"model", "params", "test_acc"} <= set(row) and 0 <= row["test_acc"] <= 1 and row["params"] > 0
+    assert results["teacher"]["params"] > results["student"]["params"]
+    table = (folder / "results.md").read_text()
+    assert "| distilled | airnet_xs |" in table and "CPU latency" in table
+
+    stamp = (folder / "teacher.pt").stat().st_mtime_ns
+    again = run_script("train.py", "--data-dir", tmp_path / "data", "--out-dir", out, *FAST)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("skipping") == 3
+    assert (folder / "teacher.pt").stat().st_mtime_ns == stamp
+
+
+def test_distilled_alone_trains_the_missing_teacher_first(tmp_path):
+    write_cifar10(tmp_path / "data", per_class_train=3, per_class_test=1)
+    out = tmp_path / "out"
+    result = run_script("train.py", "--data-dir", tmp_path / "data", "--out-dir", out, *FAST, "--stages", "distilled")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training the teacher first" in result.stdout
+    assert (out / "cifar10" / "teacher.pt").exists() and (out / "cifar10" / "distilled.pt").exists()
+    assert not (out / "cifar10" / "student.pt").exists()
+
+
+def test_missing_data_is_one_line_naming_where_and_how(tmp_path):
+    result = run_script("train.py", "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out", "--no-download", *FAST)
+    assert_one_line_error(result, "empty", "cifar-10-python.tar.gz", "--data-dir", code=1)
+
+
+BAD_CONFIGS = [
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "fast"], "--lr"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--alpha", "-0.1"], "--alpha"),
+    (["--temperature", "0"], "--temperature"),
+    (["--teacher", "resnet9000"], "--teacher"),
+    (["--student", "tiny"], "--student"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--method", "magic"], "--method"),
+    (["--optimizer", "lion"], "--optimizer"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "1,2"], "--epochs"),
+    (["--epochs", "x"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--val-size", "-5"], "--val-size"),
+    (["--dropout", "1"], "--dropout"),
+    (["--label-smoothing", "1.2"], "--label-smoothing"),
+    (["--device", "tpu"], "--device"),
+    (["--amp", "fp8"], "--amp"),
+    (["--stages", "teacher,bogus"], "--stages"),
+    (["--weight-decay", "-1e-4"], "--weight-decay"),
+    (["--warmup", "1"], "--warmup"),
+    (["--bogus-flag", "1"], "--bogus-flag"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_CONFIGS, ids=[" ".join(a) for a, _ in BAD_CONFIGS])
+def test_bad_configuration_is_one_line_naming_the_flag(tmp_path, args, flag):
+    result = run_script("train.py", "--data-dir", tmp_path, "--out-dir", tmp_path / "out", *args)
+    assert_one_line_error(result, flag, code=2)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pt"))
+
+
+def test_help_lists_every_constant_with_its_default():
+    import config
+
+    result = run_script("train.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in config.defaults():
+        assert f"--{name.lower().replace('_', '-')}" in text
+    assert "default: 0.9" in text  # ALPHA
