@@ -11,26 +11,24 @@ VAL_SIZE = 5000  # training images held out (stratified) to pick the best epoch
 OUT_DIR = "checkpoints"  # checkpoints, logs and results go to OUT_DIR/<dataset>/
 
 # models and stages
-TEACHER = "airnet_l"  # teacher model, a name from models.MODELS
-STUDENT = "airnet_s"  # student model, a name from models.MODELS
+TEACHER = "airnet_m"  # teacher model, a name from models.MODELS
+STUDENT = "airnet_xs"  # student model, a name from models.MODELS
 STAGES = "teacher,student,distilled"  # stages to run, in this order
 FRESH = False  # retrain stages whose checkpoint already exists
 METHOD = "kd"  # distillation method, a name from distill.METHODS
 
 # optimisation
-EPOCHS = (10, 10, 10)  # epochs of the teacher, student and distilled stages (one number sets all three)
-BATCH_SIZE = 512  # images per step
-OPTIMIZER = "sgd"  # sgd (Nesterov momentum) | adamw
-LR = 0.0  # peak learning rate; 0 takes the optimizer's own default (sgd 0.2, adamw 0.002)
+EPOCHS = (8, 5, 5)  # epochs of the teacher, student and distilled stages (one number sets all three)
+BATCH_SIZE = 128  # images per step
+OPTIMIZER = "adamw"  # adamw | sgd (Nesterov momentum; try --lr 0.1 --weight-decay 5e-4)
+LR = 2e-3  # peak learning rate
 MOMENTUM = 0.9  # SGD momentum
-WEIGHT_DECAY = 5e-4  # decoupled for adamw, L2 for sgd; not applied to biases and norms
+WEIGHT_DECAY = 0.05  # decoupled for adamw, L2 for sgd; never applied to biases and norm weights
 WARMUP = 0.1  # fraction of the steps with a linear warm-up; the learning rate then decays linearly to zero
 LABEL_SMOOTHING = 0.1  # label smoothing of every cross-entropy term
 DROPOUT = 0.1  # dropout before the classifier of both networks
 CROP_PADDING = 4  # random-crop padding in pixels (0 disables)
 FLIP = True  # random horizontal flips
-EARLY_SIZE = 0  # image side for the first EARLY_EPOCHS of each stage, a cheap start (0: full size throughout)
-EARLY_EPOCHS = 0.5  # fraction of each stage's epochs trained at EARLY_SIZE
 TTA = True  # evaluate on each image and its mirror, averaging the predictions
 
 # distillation
@@ -90,9 +88,9 @@ def _choice(*allowed):
 _RULES = {  # constant -> check(value) returning an error or None
     "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8",
     "VAL_SIZE": _non_negative, "STAGES": _stages, "EPOCHS": _epochs, "BATCH_SIZE": _positive,
-    "LR": _non_negative, "MOMENTUM": _fraction, "WEIGHT_DECAY": _non_negative, "WARMUP": _fraction,
+    "LR": _positive, "MOMENTUM": _fraction, "WEIGHT_DECAY": _non_negative, "WARMUP": _fraction,
     "LABEL_SMOOTHING": _fraction, "DROPOUT": _fraction, "CROP_PADDING": _non_negative,
-    "EARLY_SIZE": _non_negative, "EARLY_EPOCHS": _unit, "TEMPERATURE": _positive, "ALPHA": _unit, "SEED": _non_negative,
+    "TEMPERATURE": _positive, "ALPHA": _unit, "SEED": _non_negative,
     "DEVICE": _choice("auto", "cpu", "cuda"), "AMP": _choice("auto", "bf16", "off"), "THREADS": _non_negative,
 }
 

@@ -459,20 +459,15 @@ def augment(images, padding, flip, generator):
     return images
 
 
-def train_batches(data, batch_size, padding, flip, generator, channels_last=True, size=0):
-    """One epoch of shuffled, augmented, normalised batches; drops the last partial batch.
-
-    With `size` > 0 the batches are downscaled to size x size (antialiased
-    bilinear): early epochs at low resolution cost a fraction of the compute."""
+def train_batches(data, batch_size, padding, flip, generator, channels_last=True):
+    """One epoch of shuffled, augmented, normalised batches; drops the last partial batch."""
     n = len(data.train_y)
     batch_size = min(batch_size, n)
     order = torch.randperm(n, device=data.train_x.device, generator=generator)
     for start in range(0, n - batch_size + 1, batch_size):
         index = order[start:start + batch_size]
-        images = normalize(augment(data.train_x[index], padding, flip, generator), data.mean, data.std, False)
-        if 0 < size < images.shape[-1]:
-            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-        yield (images.contiguous(memory_format=torch.channels_last) if channels_last else images), data.train_y[index]
+        images = augment(data.train_x[index], padding, flip, generator)
+        yield normalize(images, data.mean, data.std, channels_last), data.train_y[index]
 
 
 def steps_per_epoch(data, batch_size):

@@ -54,7 +54,7 @@ def adamw(params, lr, cfg):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99))
 
 
-OPTIMIZERS = {"sgd": (sgd, 0.2), "adamw": (adamw, 2e-3)}  # name -> (constructor, default peak lr)
+OPTIMIZERS = {"sgd": sgd, "adamw": adamw}  # name -> constructor(param groups, lr, config)
 
 
 def make_optimizer(objective, cfg):
@@ -64,8 +64,7 @@ def make_optimizer(objective, cfg):
     trainable = [p for p in objective.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg["WEIGHT_DECAY"]},
               {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
-    constructor, default_lr = OPTIMIZERS[cfg["OPTIMIZER"]]
-    return constructor(groups, cfg["LR"] or default_lr, cfg)
+    return OPTIMIZERS[cfg["OPTIMIZER"]](groups, cfg["LR"], cfg)
 
 
 def warmup_then_linear_decay(total_steps, warmup_fraction):
@@ -154,6 +153,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None):
     model = models.build(model_name, len(dataset.classes), dataset.in_channels, dropout=cfg["DROPOUT"])
     memory_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    model.init_from_data(data.normalize(dataset.train_x[:5000], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]))
     if teacher is None:
         objective = distill.Supervised(model, cfg["LABEL_SMOOTHING"])
     else:
@@ -180,9 +180,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None):
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
-        size = cfg["EARLY_SIZE"] if epoch <= round(cfg["EARLY_EPOCHS"] * epochs) else 0
         for images, labels in data.train_batches(dataset, cfg["BATCH_SIZE"], cfg["CROP_PADDING"], cfg["FLIP"],
-                                                 generator, cfg["CHANNELS_LAST"], size):
+                                                 generator, cfg["CHANNELS_LAST"]):
             with autocast():
                 loss, logits = step(images, labels)
             optimizer.zero_grad(set_to_none=True)

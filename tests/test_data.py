@@ -184,5 +184,3 @@ def test_train_batches_cover_the_epoch_once(tmp_path):
     generator = torch.Generator().manual_seed(0)
     labels = torch.cat([y for _, y in data.train_batches(dataset, 20, 4, True, generator)])
     assert len(labels) == 60 and torch.equal(torch.bincount(labels), torch.bincount(dataset.train_y))
-    small = next(data.train_batches(dataset, 20, 4, True, generator, size=16))[0]
-    assert small.shape == (20, 3, 16, 16)
