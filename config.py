@@ -14,14 +14,19 @@ OUT_DIR = "checkpoints"  # checkpoints, logs and results go to OUT_DIR/<dataset>
 TEACHER = "airnet_m"  # teacher model, a name from models.MODELS
 STUDENT = "airnet_xs"  # student model, a name from models.MODELS
 STAGES = "teacher,student,distilled"  # stages to run, in this order
-FRESH = False  # retrain stages whose checkpoint already exists
+FRESH = False  # retrain stages whose checkpoint already exists, and start unfinished ones over
+RESUME = False  # continue unfinished stages from their <stage>.last.pt
 METHOD = "kd"  # distillation method, a name from distill.METHODS
 
 # optimisation
+RECIPE = "fast"  # fast (the constants below) | paper (the CIFAR-100 benchmark recipe; explicit flags still win)
 EPOCHS = (8, 5, 5)  # epochs of the teacher, student and distilled stages (one number sets all three)
 BATCH_SIZE = 128  # images per step
 OPTIMIZER = "adamw"  # adamw | sgd (Nesterov momentum; try --lr 0.1 --weight-decay 5e-4)
 LR = 2e-3  # peak learning rate
+STUDENT_LR = 0.0  # peak learning rate of the student and distilled stages (0: LR)
+LR_SCHEDULE = "linear"  # linear (warm-up, then linear decay to zero) | step (warm-up, then x0.1 at LR_MILESTONES)
+LR_MILESTONES = (0.625, 0.75, 0.875)  # step schedule: fractions of a stage's epochs where the rate drops tenfold
 MOMENTUM = 0.9  # SGD momentum
 WEIGHT_DECAY = 0.05  # decoupled for adamw, L2 for sgd; never applied to biases and norm weights
 WARMUP = 0.1  # fraction of the steps with a linear warm-up; the learning rate then decays linearly to zero
@@ -34,15 +39,38 @@ TTA = True  # evaluate on each image and its mirror, averaging the predictions
 # distillation
 TEMPERATURE = 4.0  # softmax temperature T of the distillation term
 ALPHA = 0.9  # weight of the distillation term; CE gets 1 - ALPHA (some repos use the opposite convention)
+DKD_ALPHA = 1.0  # dkd: weight of the target-class term (TCKD)
+DKD_BETA = 8.0  # dkd: weight of the non-target term (NCKD); the paper tunes it per pair
+DKD_WARMUP = 0.1  # dkd: fraction of training over which its distillation term ramps up (paper: 20 of 240 epochs)
+LSKD_TEMPERATURE = 2.0  # lskd: temperature applied to the standardised logits
+FITNET_WEIGHT = 100.0  # fitnet: weight of the hint regression (MSE) term
+AT_WEIGHT = 1000.0  # at: weight of the attention-transfer term
 
 # runtime
 SEED = 0  # seed of initialisation, data order, augmentation and the validation split
+DETERMINISTIC = False  # deterministic kernels: identical results for identical runs (slower on GPU)
 DEVICE = "auto"  # auto | cpu | cuda
 AMP = "auto"  # bf16 autocast: auto (on where the hardware does bf16 natively) | bf16 | off
 CHANNELS_LAST = True  # channels_last memory format, faster for convolutions on CPU and GPU
 COMPILE = False  # torch.compile the training step
 THREADS = 0  # CPU threads for torch (0: torch's default)
 
+
+# ---------------------------------------------------------------------------
+# Recipes: named sets of overrides. 'paper' is the standard CIFAR-100
+# distillation benchmark (CRD/RepDistiller, DKD/mdistiller): SGD with momentum
+# 0.9 and weight decay 5e-4, lr 0.05 (0.01 for MobileNetV2 and ShuffleNet
+# students, see models.LIGHTWEIGHT), divided by 10 at epochs 150, 180 and
+# 210 of 240, batch 64, T = 4, CE / KD weights 0.1 / 0.9, no label smoothing,
+# dropout or test-time flips, and the last epoch on the full training set
+# (DKD's beta per pair: distill.DKD_PAPER_BETA).
+RECIPES = {
+    "fast": {},
+    "paper": {"DATASET": "cifar100", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4", "VAL_SIZE": 0,
+              "EPOCHS": (240, 240, 240), "BATCH_SIZE": 64, "OPTIMIZER": "sgd", "LR": 0.05, "MOMENTUM": 0.9,
+              "WEIGHT_DECAY": 5e-4, "LR_SCHEDULE": "step", "LR_MILESTONES": (0.625, 0.75, 0.875), "WARMUP": 0.0,
+              "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9},
+}
 
 # ---------------------------------------------------------------------------
 # Everything below turns the constants above into a validated command line.
@@ -73,6 +101,10 @@ def _epochs(value):
     return None if len(value) == 3 and all(v > 0 for v in value) else "must be one or three integers > 0"
 
 
+def _milestones(value):
+    return None if all(0 < v < 1 for v in value) else "must be fractions between 0 and 1"
+
+
 def _stages(value):
     names = [s for s in value.split(",") if s]
     known = ("teacher", "student", "distilled")
@@ -90,7 +122,10 @@ _RULES = {  # constant -> check(value) returning an error or None
     "VAL_SIZE": _non_negative, "STAGES": _stages, "EPOCHS": _epochs, "BATCH_SIZE": _positive,
     "LR": _positive, "MOMENTUM": _fraction, "WEIGHT_DECAY": _non_negative, "WARMUP": _fraction,
     "LABEL_SMOOTHING": _fraction, "DROPOUT": _fraction, "CROP_PADDING": _non_negative,
-    "TEMPERATURE": _positive, "ALPHA": _unit, "SEED": _non_negative,
+    "TEMPERATURE": _positive, "DKD_ALPHA": _non_negative, "DKD_BETA": _non_negative, "DKD_WARMUP": _unit,
+    "LSKD_TEMPERATURE": _positive, "FITNET_WEIGHT": _non_negative, "AT_WEIGHT": _non_negative, "ALPHA": _unit, "SEED": _non_negative,
+    "STUDENT_LR": _non_negative, "LR_SCHEDULE": _choice("linear", "step"), "LR_MILESTONES": _milestones,
+    "RECIPE": lambda v: None if v in RECIPES else f"must be one of {', '.join(RECIPES)}",
     "DEVICE": _choice("auto", "cpu", "cuda"), "AMP": _choice("auto", "bf16", "off"), "THREADS": _non_negative,
 }
 
@@ -98,7 +133,7 @@ _RULES = {  # constant -> check(value) returning an error or None
 def defaults():
     """The constants of this module, by name."""
     return {name: value for name, value in globals().items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", name)
-            and not callable(value)}
+            and not callable(value) and name != "RECIPES"}
 
 
 def _comments():
@@ -107,12 +142,19 @@ def _comments():
     return dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", text, flags=re.M))
 
 
-def _parse_epochs(text):
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give one integer or three, comma-separated")
-    return values * 3 if len(values) == 1 else values
+def _tuple_parser(default):
+    """Parse 'a,b,c' into a tuple of the default's element type; for EPOCHS,
+    one number stands for all three stages."""
+    kind = type(default[0])
+
+    def parse(text):
+        try:
+            values = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: give comma-separated {kind.__name__}s")
+        return values * len(default) if len(values) == 1 and kind is int else values
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,7 +194,7 @@ def parse(argv=None, description=None, names=None, choices=None, extra=None):
         if isinstance(default, bool):
             parser.add_argument(option, dest=name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(option, dest=name, default=default, type=_parse_epochs, metavar="N[,N,N]",
+            parser.add_argument(option, dest=name, default=default, type=_tuple_parser(default), metavar="A,B,...",
                                 help=help_text)
         else:
             parser.add_argument(option, dest=name, default=default, type=type(default), metavar=type(default).__name__.upper(),
@@ -160,6 +202,11 @@ def parse(argv=None, description=None, names=None, choices=None, extra=None):
     if extra:
         extra(parser)
     args = vars(parser.parse_args(argv))
+    if "RECIPE" in names:  # a recipe replaces defaults, not what the user typed
+        typed = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+        for name, value in RECIPES.get(args["RECIPE"], {}).items():
+            if not typed & {f"--{flag(name)}", f"--no-{flag(name)}"}:
+                args[name] = value
     for name in names:
         check = _RULES.get(name)
         problem = check(args[name]) if check else None

@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,26 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CACHE_VERSION = 1  # bump when the decoded-tree cache format changes
 
+# load_image refuses images over Pillow's decompression-bomb limit with a
+# readable error of its own, so Pillow's warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 class DataError(Exception):
     """A problem with the user's data, reported as one line."""
+
+
+def atomic_write(path, write):
+    """Write a file through a temporary file and os.replace, so that a crash
+    never leaves a half-written file where a good one was. `write(temporary)`
+    writes the content."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @dataclass
@@ -65,6 +83,9 @@ def load_image(path, size, channels=3):
     """
     try:
         with Image.open(path) as image:
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: image too large ({image.width}x{image.height} pixels, over the limit of "
+                                f"{Image.MAX_IMAGE_PIXELS:,} against decompression bombs)")
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 array = np.asarray(image, dtype=np.float64)
@@ -84,6 +105,8 @@ def load_image(path, size, channels=3):
         raise
     except Image.DecompressionBombError as error:
         raise DataError(f"{path}: image too large ({error})") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make the file readable") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{path}: cannot read image ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -123,7 +146,7 @@ def decode_split(root, classes, size, channels):
         raise DataError(f"no image files found under {root}/<class>/; expected e.g. {root}/{classes[0]}/0001.png")
     from tqdm import tqdm
 
-    images = np.stack([load_image(f, size, channels) for f in tqdm(files, desc=f"decoding {root}", leave=False, mininterval=1)])
+    images = np.stack([load_image(f, size, channels) for f in tqdm(files, desc=f"decoding {root}", leave=False, mininterval=1, disable=None)])
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -159,9 +182,7 @@ def load_image_tree(root, size, channels, cache_dirs):
     for folder in cache_dirs:
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            temporary = Path(folder) / f"{cache_name}.tmp{os.getpid()}"
-            torch.save(blob, temporary)
-            os.replace(temporary, Path(folder) / cache_name)
+            atomic_write(Path(folder) / cache_name, lambda p: torch.save(blob, p))
             break
         except OSError:
             continue
@@ -459,13 +480,14 @@ def augment(images, padding, flip, generator):
     return images
 
 
-def train_batches(data, batch_size, padding, flip, generator, channels_last=True):
-    """One epoch of shuffled, augmented, normalised batches; drops the last partial batch."""
-    n = len(data.train_y)
-    batch_size = min(batch_size, n)
-    order = torch.randperm(n, device=data.train_x.device, generator=generator)
-    for start in range(0, n - batch_size + 1, batch_size):
-        index = order[start:start + batch_size]
+def train_batches(data, order, batch_size, padding, flip, generator, channels_last=True, start=0):
+    """Augmented, normalised batches of one epoch, in the given `order` (a
+    permutation of the training set), from step `start` on; the last partial
+    batch is dropped. Augmentation draws from `generator`, so a run that
+    restores the generator and the order continues exactly."""
+    batch_size = min(batch_size, len(order))
+    for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
+        index = order[first:first + batch_size]
         images = augment(data.train_x[index], padding, flip, generator)
         yield normalize(images, data.mean, data.std, channels_last), data.train_y[index]
 

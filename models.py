@@ -11,6 +11,9 @@ This file knows nothing of data or training. Constructors take
 architecture allows.
 """
 
+import copy
+import time
+
 import torch
 from torch import nn
 
@@ -122,6 +125,356 @@ AIRNET_WIDTHS = {  # name -> widths of the three stages
 }
 for _name, _widths in AIRNET_WIDTHS.items():
     register(_name)(lambda num_classes, in_channels=3, dropout=0.0, _w=_widths: AirNet(num_classes, in_channels, dropout, _w))
+
+
+# ---------------------------------------------------------------- the standard CIFAR zoo
+# The architectures of the CIFAR-100 distillation benchmark (as in RepDistiller
+# and mdistiller), at their standard depths and widths. Their stages are the
+# outputs of the residual groups (or VGG blocks, or MobileNet/ShuffleNet stages).
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (He et al. 2016)."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(Classifier):
+    """ResNet for 32x32 images: a 3x3 stem and three groups of (depth - 2) / 6
+    basic blocks, the last two halving the resolution. widths = (stem, group 1,
+    group 2, group 3): (16, 16, 32, 64) for resnet20 and kin, four times that
+    after the stem for the 'x4' variants."""
+
+    def __init__(self, num_classes, in_channels=3, dropout=0.0, depth=20, widths=(16, 16, 32, 64)):
+        super().__init__()
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stages = nn.ModuleList()
+        previous = widths[0]
+        for index, width in enumerate(widths[1:]):
+            layers = []
+            for block in range(blocks):
+                layers.append(BasicBlock(previous, width, stride=2 if index > 0 and block == 0 else 1))
+                previous = width
+            self.stages.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(previous, num_classes)
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        stages = []
+        for stage in self.stages:
+            x = stage(x)
+            stages.append(x)
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    register(f"resnet{_depth}")(lambda num_classes, in_channels=3, dropout=0.0, _d=_depth:
+                                CifarResNet(num_classes, in_channels, dropout, _d, (16, 16, 32, 64)))
+for _depth in (8, 32):
+    register(f"resnet{_depth}x4")(lambda num_classes, in_channels=3, dropout=0.0, _d=_depth:
+                                  CifarResNet(num_classes, in_channels, dropout, _d, (32, 64, 128, 256)))
+
+
+class WideBlock(nn.Module):
+    """Pre-activation residual block of wide ResNets (Zagoruyko & Komodakis 2016)."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x):
+        activated = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(activated))))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(Classifier):
+    """WRN-depth-k: three groups of (depth - 4) / 6 pre-activation blocks of
+    widths 16k, 32k and 64k."""
+
+    def __init__(self, num_classes, in_channels=3, dropout=0.0, depth=16, widen=1):
+        super().__init__()
+        blocks = (depth - 4) // 6
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.stages = nn.ModuleList()
+        previous = 16
+        for index, width in enumerate((16 * widen, 32 * widen, 64 * widen)):
+            layers = []
+            for block in range(blocks):
+                layers.append(WideBlock(previous, width, stride=2 if index > 0 and block == 0 else 1))
+                previous = width
+            self.stages.append(nn.Sequential(*layers))
+        self.final = nn.Sequential(nn.BatchNorm2d(previous), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(previous, num_classes)
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        stages = []
+        for stage in self.stages:
+            x = stage(x)
+            stages.append(x)
+        pooled = nn.functional.adaptive_avg_pool2d(self.final(x), 1).flatten(1)
+        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
+
+
+for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
+    register(f"wrn_{_depth}_{_widen}")(lambda num_classes, in_channels=3, dropout=0.0, _d=_depth, _k=_widen:
+                                       WideResNet(num_classes, in_channels, dropout, _d, _k))
+
+
+class VGG(Classifier):
+    """VGG with batch norm for 32x32 images: five blocks of 3x3 convolutions,
+    each but the last followed by a 2x2 max-pool, then global average pooling
+    and one linear layer (as in RepDistiller)."""
+
+    def __init__(self, num_classes, in_channels=3, dropout=0.0, blocks=((64,), (128,), (256,), (512,), (512,))):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        previous = in_channels
+        for index, widths in enumerate(blocks):
+            layers = [nn.MaxPool2d(2)] if index > 0 else []
+            for width in widths:
+                layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                previous = width
+            self.stages.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(previous, num_classes)
+
+    def forward_features(self, x):
+        stages = []
+        for stage in self.stages:
+            x = stage(x)
+            stages.append(x)
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
+
+
+VGG_BLOCKS = {  # name -> convolutions per block (widths 64, 128, 256, 512, 512)
+    "vgg8": (1, 1, 1, 1, 1), "vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2),
+    "vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4),
+}
+for _name, _counts in VGG_BLOCKS.items():
+    register(_name)(lambda num_classes, in_channels=3, dropout=0.0, _c=_counts: VGG(
+        num_classes, in_channels, dropout, tuple((w,) * n for w, n in zip((64, 128, 256, 512, 512), _c))))
+
+
+def conv_bn(in_channels, out_channels, kernel=1, stride=1, groups=1, relu=True):
+    layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(out_channels)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection."""
+
+    def __init__(self, in_channels, out_channels, stride, expansion):
+        super().__init__()
+        hidden = in_channels * expansion
+        self.residual = stride == 1 and in_channels == out_channels
+        self.body = nn.Sequential(conv_bn(in_channels, hidden), conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                                  conv_bn(hidden, out_channels, relu=False))
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(Classifier):
+    """MobileNetV2 for 32x32 images (Sandler et al. 2018) as used by the CIFAR
+    distillation benchmark: expansion 6, width multiplier 0.5, strides adapted
+    to small inputs."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))  # expansion, width, blocks, stride of the first block
+
+    def __init__(self, num_classes, in_channels=3, dropout=0.0, width=0.5):
+        super().__init__()
+        previous = int(32 * width)
+        self.stem = conv_bn(in_channels, previous, 3, 1)
+        self.stages = nn.ModuleList()
+        for expansion, channels, blocks, stride in self.SETTINGS:
+            layers = []
+            for block in range(blocks):
+                layers.append(InvertedResidual(previous, int(channels * width), stride if block == 0 else 1, expansion))
+                previous = int(channels * width)
+            self.stages.append(nn.Sequential(*layers))
+        self.final = conv_bn(previous, 1280)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(1280, num_classes)
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        stages = []
+        for stage in self.stages:
+            x = stage(x)
+            stages.append(x)
+        pooled = nn.functional.adaptive_avg_pool2d(self.final(x), 1).flatten(1)
+        # the stages that change resolution or end the network carry the features
+        return {"stages": [stages[i] for i in (1, 2, 4, 6)], "pooled": pooled,
+                "logits": self.head(self.dropout(pooled))}
+
+
+register("mobilenetv2")(lambda num_classes, in_channels=3, dropout=0.0: MobileNetV2(num_classes, in_channels, dropout))
+
+
+def channel_shuffle(x, groups):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleV1Block(nn.Module):
+    """ShuffleNet unit (Zhang et al. 2018): grouped 1x1, shuffle, depthwise 3x3,
+    grouped 1x1; stride 2 units concatenate an average-pooled shortcut."""
+
+    def __init__(self, in_channels, out_channels, stride, groups, first_groups=True):
+        super().__init__()
+        self.stride = stride
+        if stride == 2:
+            out_channels -= in_channels
+        hidden = out_channels // 4
+        self.groups = groups if first_groups else 1
+        self.reduce = conv_bn(in_channels, hidden, groups=self.groups)
+        self.depthwise = conv_bn(hidden, hidden, 3, stride, groups=hidden, relu=False)
+        self.expand = conv_bn(hidden, out_channels, groups=groups, relu=False)
+
+    def forward(self, x):
+        out = self.expand(self.depthwise(channel_shuffle(self.reduce(x), self.groups)))
+        if self.stride == 2:
+            return torch.relu(torch.cat([out, nn.functional.avg_pool2d(x, 3, 2, 1)], 1))
+        return torch.relu(out + x)
+
+
+class ShuffleNetV1(Classifier):
+    """ShuffleNet V1 for 32x32 images, 3 groups, widths (240, 480, 960), as in RepDistiller."""
+
+    def __init__(self, num_classes, in_channels=3, dropout=0.0, widths=(240, 480, 960), blocks=(4, 8, 4), groups=3):
+        super().__init__()
+        self.stem = conv_bn(in_channels, 24)
+        self.stages = nn.ModuleList()
+        previous = 24
+        for index, (width, count) in enumerate(zip(widths, blocks)):
+            layers = []
+            for block in range(count):
+                layers.append(ShuffleV1Block(previous, width, 2 if block == 0 else 1, groups,
+                                             first_groups=not (index == 0 and block == 0)))
+                previous = width
+            self.stages.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(previous, num_classes)
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        stages = []
+        for stage in self.stages:
+            x = stage(x)
+            stages.append(x)
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
+
+
+class ShuffleV2Block(nn.Module):
+    """ShuffleNet V2 unit (Ma et al. 2018): split, one branch of 1x1, depthwise
+    3x3, 1x1, concatenate, shuffle. Stride-2 units convolve both branches."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.stride = stride
+        branch = out_channels // 2
+        main_in = in_channels if stride == 2 else in_channels // 2
+        self.main = nn.Sequential(conv_bn(main_in, branch), conv_bn(branch, branch, 3, stride, groups=branch, relu=False),
+                                  conv_bn(branch, branch))
+        self.side = None
+        if stride == 2:
+            self.side = nn.Sequential(conv_bn(in_channels, in_channels, 3, 2, groups=in_channels, relu=False),
+                                      conv_bn(in_channels, branch))
+
+    def forward(self, x):
+        if self.side is None:
+            kept, x = x.chunk(2, dim=1)
+            return channel_shuffle(torch.cat([kept, self.main(x)], 1), 2)
+        return channel_shuffle(torch.cat([self.side(x), self.main(x)], 1), 2)
+
+
+class ShuffleNetV2(Classifier):
+    """ShuffleNet V2 for 32x32 images, widths (116, 232, 464), as in RepDistiller."""
+
+    def __init__(self, num_classes, in_channels=3, dropout=0.0, widths=(116, 232, 464), blocks=(4, 8, 4)):
+        super().__init__()
+        self.stem = conv_bn(in_channels, 24)
+        self.stages = nn.ModuleList()
+        previous = 24
+        for width, count in zip(widths, blocks):
+            layers = []
+            for block in range(count):
+                layers.append(ShuffleV2Block(previous, width, 2 if block == 0 else 1))
+                previous = width
+            self.stages.append(nn.Sequential(*layers))
+        self.final = conv_bn(previous, 1024)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(1024, num_classes)
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        stages = []
+        for stage in self.stages:
+            x = stage(x)
+            stages.append(x)
+        pooled = nn.functional.adaptive_avg_pool2d(self.final(x), 1).flatten(1)
+        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
+
+
+# Models that the benchmark recipe trains with a lower learning rate (0.01)
+LIGHTWEIGHT = {"mobilenetv2", "shufflenetv1", "shufflenetv2"}
+
+register("shufflenetv1")(lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV1(num_classes, in_channels, dropout))
+register("shufflenetv2")(lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV2(num_classes, in_channels, dropout))
+
+
+def cpu_speed(model, in_channels, image_size):
+    """Inference speed on the CPU in float32, whatever device trained the model:
+    median latency at batch 1 (ms) and throughput at batch 256 (images/s)."""
+    model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.channels_last)
+    single = torch.randn(1, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    batch = torch.randn(256, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(5):
+            model(single)
+        times = []
+        for _ in range(30):
+            start = time.perf_counter()
+            model(single)
+            times.append(time.perf_counter() - start)
+        latency_ms = sorted(times)[len(times) // 2] * 1000
+        model(batch)
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            model(batch)
+            runs.append(time.perf_counter() - start)
+    return latency_ms, 256 / sorted(runs)[1]
 
 
 def checkpoint_model(checkpoint):

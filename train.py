@@ -9,14 +9,16 @@ Each stage writes OUT_DIR/<dataset>/<stage>.pt (checkpoint) and <stage>.jsonl
 (one JSON line per epoch); the run ends with results.md and results.json.
 """
 
-import copy
 import json
-import math
 import os
+import random
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,53 +32,8 @@ STAGES = ("teacher", "student", "distilled")
 
 # ---------------------------------------------------------------- small helpers
 
-def atomic_write(path, write):
-    """Write a file through a temporary file and os.replace, so that a crash
-    never leaves a half-written file where a good one was."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_text(path, text):
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def sgd(params, lr, cfg):
-    return torch.optim.SGD(params, lr=lr, momentum=cfg["MOMENTUM"], nesterov=True)
-
-
-def adamw(params, lr, cfg):
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99))
-
-
-OPTIMIZERS = {"sgd": sgd, "adamw": adamw}  # name -> constructor(param groups, lr, config)
-
-
-def make_optimizer(objective, cfg):
-    """The optimizer over every trainable parameter of the objective (the
-    student and any adapters of the method), without weight decay on biases
-    and norm weights."""
-    trainable = [p for p in objective.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg["WEIGHT_DECAY"]},
-              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
-    return OPTIMIZERS[cfg["OPTIMIZER"]](groups, cfg["LR"], cfg)
-
-
-def warmup_then_linear_decay(total_steps, warmup_fraction):
-    """LR multiplier per step: linear warm-up, then linear decay to zero at the end."""
-    warmup = max(1, round(total_steps * warmup_fraction))
-
-    def multiplier(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return multiplier
+    data.atomic_write(path, lambda p: p.write_text(text))
 
 
 @torch.no_grad()
@@ -97,56 +54,82 @@ def evaluate(model, images, labels, mean, std, batch_size=1024, tta=False, autoc
     return correct.item() / max(1, len(labels))
 
 
-def cpu_speed(model, in_channels, image_size):
-    """Inference speed on the CPU in float32, whatever device trained the model:
-    median latency at batch 1 (ms) and throughput at batch 256 (images/s)."""
-    model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.channels_last)
-    single = torch.randn(1, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    batch = torch.randn(256, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for _ in range(5):
-            model(single)
-        times = []
-        for _ in range(30):
-            start = time.perf_counter()
-            model(single)
-            times.append(time.perf_counter() - start)
-        latency_ms = sorted(times)[len(times) // 2] * 1000
-        model(batch)
-        runs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            model(batch)
-            runs.append(time.perf_counter() - start)
-    return latency_ms, 256 / sorted(runs)[1]
-
-
-def autocast_for(device, amp):
-    """A zero-argument context factory: bf16 autocast where asked and useful.
-
-    'auto' turns bf16 on for CUDA and for CPUs with native bf16 (AVX512-BF16 or
-    AMX); on other CPUs bf16 convolutions fall back to slow reference kernels."""
-    if amp == "auto":
-        if device.type == "cuda":
-            enabled = torch.cuda.is_bf16_supported()
-        else:
-            enabled = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else:
-        enabled = amp == "bf16"
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), enabled
-
-
 def stage_path(out_dir, stage, suffix=".pt"):
     return Path(out_dir) / f"{stage}{suffix}"
 
 
+# ---------------------------------------------------------------- interruption and resume
+
+class TrainingError(Exception):
+    """Training cannot go on (the loss diverged, a checkpoint is in the way...)."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a step; progress is saved."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP = {"signal": None}  # set by the signal handler, read by the training loop after every step
+
+
+def request_stop(signum, frame):
+    if STOP["signal"] is not None:  # a second signal: stop now
+        raise KeyboardInterrupt
+    STOP["signal"] = signum
+    tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current step, then saving progress "
+               f"(send it again to stop at once)")
+
+
+def rng_states(generator):
+    """Every random state that training draws from, in a weights_only-safe form."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "data": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states, generator):
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["data"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# Settings that a resumed stage must share with the run that started it.
+RESUME_KEYS = ("DATASET", "IMAGE_SIZE", "VAL_SIZE", "TEACHER", "STUDENT", "METHOD", "EPOCHS", "BATCH_SIZE",
+               "OPTIMIZER", "LR", "STUDENT_LR", "LR_SCHEDULE", "LR_MILESTONES", "MOMENTUM", "WEIGHT_DECAY", "WARMUP", "LABEL_SMOOTHING", "DROPOUT",
+               "CROP_PADDING", "FLIP", "TEMPERATURE", "ALPHA", "SEED")
+
+
+def json_safe(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def trainable_state(objective):
+    """The objective's state without the frozen teacher: the network being
+    trained and any adapters of the method."""
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")}
+
+
 # ---------------------------------------------------------------- one stage
 
-def train_stage(stage, cfg, dataset, device, out_dir, teacher=None):
+def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, resume=None):
     """Train one network (teacher, student, or distilled student) and save it.
 
     The same loop serves every stage: only the objective differs (cross-entropy,
-    or a distillation method against the frozen teacher)."""
+    or a distillation method against the frozen teacher). After every epoch,
+    and when a signal asks to stop, the whole training state goes to
+    <stage>.last.pt, from which `resume` (that file's contents) continues."""
     epochs = cfg["EPOCHS"][STAGES.index(stage)]
     model_name = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
     torch.manual_seed(cfg["SEED"])
@@ -158,66 +141,106 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None):
         objective = distill.Supervised(model, cfg["LABEL_SMOOTHING"])
     else:
         teacher = teacher.to(device, memory_format=memory_format)
-        method = distill.build_method(cfg["METHOD"], cfg, model, teacher)
+        sample = data.normalize(dataset.train_x[:8], dataset.mean, dataset.std, cfg["CHANNELS_LAST"])
+        method = distill.build_method(cfg["METHOD"], cfg, model, teacher, sample)
         objective = distill.Distillation(model, teacher, method).to(device, memory_format=memory_format)
-    optimizer = make_optimizer(objective, cfg)
+    lr = cfg["LR"] if stage == "teacher" else cfg["STUDENT_LR"] or cfg["LR"]
+    optimizer = distill.make_optimizer(objective, cfg, lr)
     steps = data.steps_per_epoch(dataset, cfg["BATCH_SIZE"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(epochs * steps, cfg["WARMUP"]))
-    autocast, amp_on = autocast_for(device, cfg["AMP"])
-    step = torch.compile(objective) if cfg["COMPILE"] else objective
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, distill.lr_multiplier(
+        epochs * steps, cfg["WARMUP"], cfg["LR_SCHEDULE"], cfg["LR_MILESTONES"]))
+    autocast, amp_on = distill.autocast_for(device, cfg["AMP"])
+    step_fn = torch.compile(objective) if cfg["COMPILE"] else objective
     generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
     params = models.count_params(model)
-    print(f"\n== {stage}: {model_name} ({params:,} params) on {device}{', bf16' if amp_on else ''}, "
-          f"{epochs} epochs of {steps} steps, {len(dataset.train_y):,} train / {len(dataset.val_y):,} val images")
+    last_path = stage_path(out_dir, stage, ".last.pt")
 
-    log, best_acc, best_state, best_epoch = [], -1.0, None, 0
+    epoch, step, log, elapsed = 1, 0, [], 0.0
+    best = {"acc": -1.0, "epoch": 0, "state": None}
+    if resume is not None:
+        objective.load_state_dict({**objective.state_dict(), **resume["trainable"]})
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        restore_rng_states(resume["rng"], generator)
+        epoch, step, log, elapsed, best = resume["epoch"], resume["step"], resume["log"], resume["elapsed"], resume["best"]
+        partial = resume["partial"]
+    print(f"\n== {stage}: {model_name} ({params:,} params) on {device}{', bf16' if amp_on else ''}, "
+          f"{epochs} epochs of {steps} steps, {len(dataset.train_y):,} train / {len(dataset.val_y):,} val images"
+          + (f"; resuming at epoch {epoch}, step {step}" if resume is not None else ""))
+
+    def save_progress(next_epoch, next_step, partial):
+        state = {"stage": stage, "config": json_safe(cfg), "epoch": next_epoch, "step": next_step,
+                 "trainable": trainable_state(objective), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "log": log,
+                 "elapsed": elapsed + time.perf_counter() - started, "best": best, "partial": partial}
+        data.atomic_write(last_path, lambda p: torch.save(state, p))
+
     started = time.perf_counter()
-    bar = tqdm(total=epochs * steps, desc=stage, unit="step", dynamic_ncols=True, leave=False)
-    for epoch in range(1, epochs + 1):
+    bar = tqdm(total=epochs * steps, initial=(epoch - 1) * steps + step, desc=stage, unit="step", dynamic_ncols=True,
+               leave=False, disable=None)  # no bar when stderr is not a terminal: logs keep the epoch lines
+    while epoch <= epochs:
+        if step == 0:  # a new epoch: new order, fresh running sums
+            partial = {"order": torch.randperm(len(dataset.train_y), device=device, generator=generator),
+                       "loss_sum": torch.zeros((), device=device), "first_bad": torch.full((), -1, device=device),
+                       "correct": torch.zeros((), dtype=torch.int64, device=device), "seen": 0, "seconds": 0.0}
+        partial = {k: v.to(device) if torch.is_tensor(v) else v for k, v in partial.items()}
         epoch_start = time.perf_counter()
         objective.train()
         objective.set_progress((epoch - 1) / epochs)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        for images, labels in data.train_batches(dataset, cfg["BATCH_SIZE"], cfg["CROP_PADDING"], cfg["FLIP"],
-                                                 generator, cfg["CHANNELS_LAST"]):
+        for images, labels in data.train_batches(dataset, partial["order"], cfg["BATCH_SIZE"], cfg["CROP_PADDING"],
+                                                 cfg["FLIP"], generator, cfg["CHANNELS_LAST"], start=step):
             with autocast():
-                loss, logits = step(images, labels)
+                loss, logits = step_fn(images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.detach()
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
+            loss = loss.detach()
+            # remember the first non-finite step without a host sync; checked once per epoch
+            partial["first_bad"] = torch.where((partial["first_bad"] < 0) & ~torch.isfinite(loss), step, partial["first_bad"])
+            partial["loss_sum"] += loss
+            partial["correct"] += (logits.argmax(1) == labels).sum()
+            partial["seen"] += len(labels)
+            step += 1
             bar.update()
-        train_loss = loss_sum.item() / steps
-        if not math.isfinite(train_loss):
+            if STOP["signal"] is not None and step < steps:
+                if int(partial["first_bad"]) < 0:  # never save a diverged state over a good one
+                    partial["seconds"] += time.perf_counter() - epoch_start
+                    save_progress(epoch, step, partial)
+                bar.close()
+                raise Interrupted(STOP["signal"])
+        first_bad = int(partial["first_bad"])
+        if first_bad >= 0:
             bar.close()
-            raise TrainingError(f"{stage}: the loss became {train_loss} in epoch {epoch}; lower --lr "
-                                f"or turn off mixed precision with --amp off")
+            raise TrainingError(f"{stage}: the loss became non-finite in epoch {epoch}, step {first_bad + 1} of {steps}; "
+                                f"lower --lr (now {lr}) or turn off mixed precision with --amp off"
+                                + (f"; the last good epoch is kept in {last_path}" if last_path.exists() else ""))
+        train_loss = partial["loss_sum"].item() / steps
         val_acc = (evaluate(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std, tta=cfg["TTA"],
                             autocast=autocast, channels_last=cfg["CHANNELS_LAST"]) if len(dataset.val_y) else float("nan"))
-        record = {"epoch": epoch, "loss": round(train_loss, 5), "train_acc": round(correct.item() / seen, 5),
+        record = {"epoch": epoch, "loss": round(train_loss, 5), "train_acc": round(partial["correct"].item() / partial["seen"], 5),
                   "val_acc": round(val_acc, 5), "lr": scheduler.get_last_lr()[0],
-                  "seconds": round(time.perf_counter() - epoch_start, 2)}
+                  "seconds": round(partial["seconds"] + time.perf_counter() - epoch_start, 2)}
         log.append(record)
         save_text(stage_path(out_dir, stage, ".jsonl"), "".join(json.dumps(r) + "\n" for r in log))
-        if not len(dataset.val_y) or val_acc > best_acc:  # without a validation split, keep the last epoch
-            best_acc, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if not len(dataset.val_y) or val_acc > best["acc"]:  # without a validation split, keep the last epoch
+            best = {"acc": val_acc, "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         bar.write(f"{stage} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  train {record['train_acc']:.2%}  "
                   f"val {val_acc:.2%}  lr {record['lr']:.2e}  {record['seconds']:.1f}s")
+        epoch, step = epoch + 1, 0
+        save_progress(epoch, step, {})
+        if STOP["signal"] is not None:
+            bar.close()
+            raise Interrupted(STOP["signal"])
     bar.close()
-    train_seconds = time.perf_counter() - started
+    train_seconds = elapsed + time.perf_counter() - started
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(best["state"])
     test_acc = evaluate(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std, tta=cfg["TTA"],
                         autocast=autocast, channels_last=cfg["CHANNELS_LAST"])
-    latency_ms, throughput = cpu_speed(model, dataset.in_channels, dataset.image_size)
-    metrics = {"model": model_name, "params": params, "test_acc": test_acc, "best_val_acc": best_acc,
-               "best_epoch": best_epoch, "epochs": epochs, "train_seconds": round(train_seconds, 1),
+    latency_ms, throughput = models.cpu_speed(model, dataset.in_channels, dataset.image_size)
+    metrics = {"model": model_name, "params": params, "test_acc": test_acc, "best_val_acc": best["acc"],
+               "best_epoch": best["epoch"], "epochs": epochs, "train_seconds": round(train_seconds, 1),
                "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1),
                "device": str(device), "tta": cfg["TTA"]}
     if teacher is not None:
@@ -226,17 +249,12 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None):
                   "num_classes": len(dataset.classes), "in_channels": dataset.in_channels,
                   "image_size": dataset.image_size, "classes": list(dataset.classes),
                   "mean": list(dataset.mean), "std": list(dataset.std), "tta": cfg["TTA"],
-                  "state_dict": {k: v.cpu() for k, v in best_state.items()},
-                  "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-                  "metrics": metrics}
-    atomic_write(stage_path(out_dir, stage), lambda p: torch.save(checkpoint, p))
-    print(f"{stage}: test accuracy {test_acc:.2%} (best epoch {best_epoch}, val {best_acc:.2%}), "
+                  "state_dict": best["state"], "config": json_safe(cfg), "metrics": metrics}
+    data.atomic_write(stage_path(out_dir, stage), lambda p: torch.save(checkpoint, p))
+    last_path.unlink(missing_ok=True)
+    print(f"{stage}: test accuracy {test_acc:.2%} (best epoch {best['epoch']}, val {best['acc']:.2%}), "
           f"{train_seconds:.0f}s, saved {stage_path(out_dir, stage)}")
     return model, metrics
-
-
-class TrainingError(Exception):
-    """Training cannot go on (for example, the loss diverged)."""
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -287,10 +305,56 @@ def check_writable(folder):
         config.fail("out-dir", f"cannot write to {folder} ({error.strerror}); choose a writable --out-dir")
 
 
+def load_unfinished(out_dir, stage, cfg):
+    """The saved progress of an unfinished stage (its .last.pt), or None.
+
+    It is used only with --resume, and must come from the same settings; with
+    --fresh it is ignored and later overwritten; otherwise it stops the run, so
+    that no progress is lost by accident."""
+    path = stage_path(out_dir, stage, ".last.pt")
+    if not path.exists() or cfg["FRESH"]:
+        return None
+    if not cfg["RESUME"]:
+        raise TrainingError(f"{path} holds an unfinished {stage} run; continue it with: {resume_command()}  "
+                            f"(or pass --fresh to start the stage over)", exit_code=2)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise TrainingError(f"{path}: cannot read it ({str(error).splitlines()[0][:200]}); delete it or pass --fresh",
+                            exit_code=2) from None
+    changed = [k for k in RESUME_KEYS if state["config"].get(k) != json_safe(cfg)[k]]
+    if changed:
+        was = " ".join(f"--{config.flag(k)} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                       for k, v in state["config"].items() if k in changed)
+        raise TrainingError(f"{path} was started with other settings ({was}); resume with those, or pass --fresh",
+                            exit_code=2)
+    return state
+
+
+def resume_command():
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
+    return shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
+
+
+def make_deterministic():
+    """Same inputs, same bits: deterministic kernels where torch has them."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0],
                        choices={"DATASET": data.DATASETS, "TEACHER": models.MODELS, "STUDENT": models.MODELS,
-                                "METHOD": distill.METHODS, "OPTIMIZER": OPTIMIZERS})
+                                "METHOD": distill.METHODS, "OPTIMIZER": distill.OPTIMIZERS})
+    if cfg["RESUME"] and cfg["FRESH"]:
+        config.fail("resume", "--resume continues unfinished stages and --fresh starts them over; pick one")
+    if cfg["RECIPE"] == "paper":  # the benchmark's per-student and per-pair settings
+        if not cfg["STUDENT_LR"] and cfg["STUDENT"] in models.LIGHTWEIGHT:
+            cfg["STUDENT_LR"] = 0.01
+        if cfg["DKD_BETA"] == config.DKD_BETA:
+            cfg["DKD_BETA"] = distill.DKD_PAPER_BETA.get((cfg["TEACHER"], cfg["STUDENT"]), cfg["DKD_BETA"])
     device = pick_device(cfg["DEVICE"])
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
@@ -299,7 +363,13 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg["DETERMINISTIC"]:
+        make_deterministic()
 
+    if not Path(cfg["DATA_DIR"]).is_dir() and (cfg["DATASET"] == "folder" or (cfg["DATASET"].startswith("cifar")
+                                                                             and not cfg["DOWNLOAD"])):
+        config.fail("data-dir", f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"
+                    + ("" if cfg["DATASET"] == "folder" else " or allow --download"))
     dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], cache_dirs=[out_dir], image_size=cfg["IMAGE_SIZE"],
                         val_size=cfg["VAL_SIZE"], seed=cfg["SEED"], device=device, download=cfg["DOWNLOAD"])
     print(f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "
@@ -309,29 +379,35 @@ def main(argv=None):
     requested = [s for s in STAGES if s in cfg["STAGES"].split(",")]
     finished = {}
     for stage in STAGES:
-        expected = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
-        checkpoint = None if (cfg["FRESH"] and stage in requested) else load_finished(out_dir, stage, expected, dataset)
-        if checkpoint is not None:
-            finished[stage] = checkpoint
+        if not (cfg["FRESH"] and stage in requested):
+            expected = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
+            checkpoint = load_finished(out_dir, stage, expected, dataset)
+            if checkpoint is not None:
+                finished[stage] = checkpoint
     if "distilled" in requested and "teacher" not in requested and "teacher" not in finished:
         print("distilled needs a teacher and none is saved: training the teacher first")
         requested.insert(0, "teacher")
+    todo = [stage for stage in requested if stage not in finished]
+    unfinished = {stage: load_unfinished(out_dir, stage, cfg) for stage in todo}
 
     results = {stage: checkpoint["metrics"] for stage, checkpoint in finished.items()}
-    teacher = None
     for stage in requested:
-        if stage in finished and not cfg["FRESH"]:
+        if stage in finished:
             print(f"{stage}: {stage_path(out_dir, stage)} exists (test accuracy {results[stage]['test_acc']:.2%}); "
                   f"skipping it (--fresh retrains)")
-            continue
-        if stage == "distilled":
-            if teacher is None:
-                teacher = models.checkpoint_model(finished["teacher"])
-        model, results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
-                                            teacher=teacher if stage == "distilled" else None)
+    teacher = None
+    for stage in todo:
+        if stage == "distilled" and teacher is None:
+            teacher = models.checkpoint_model(finished["teacher"])
+        try:
+            model, results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
+                                                teacher=teacher if stage == "distilled" else None,
+                                                resume=unfinished[stage])
+        except torch.OutOfMemoryError:
+            raise TrainingError(f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; "
+                                f"try a smaller --batch-size") from None
         if stage == "teacher":
             teacher = model
-            finished["teacher"] = None
 
     rows = {stage: results[stage] for stage in STAGES if stage in results}
     table = results_table(rows)
@@ -341,8 +417,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     try:
         main()
+    except Interrupted as stop:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by {stop}; progress is saved. "
+                         f"Continue with: {resume_command()}\n")
+        sys.exit(128 + stop.signum)
     except (data.DataError, TrainingError) as error:
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {error}\n")
-        sys.exit(1)
+        sys.exit(getattr(error, "exit_code", 1))

@@ -182,5 +182,24 @@ def test_train_batches_cover_the_epoch_once(tmp_path):
     write_cifar10(tmp_path, archive=False)
     dataset = data.load("cifar10", tmp_path, val_size=0, download=False)
     generator = torch.Generator().manual_seed(0)
-    labels = torch.cat([y for _, y in data.train_batches(dataset, 20, 4, True, generator)])
+    order = torch.randperm(60, generator=generator)
+    labels = torch.cat([y for _, y in data.train_batches(dataset, order, 20, 4, True, generator)])
     assert len(labels) == 60 and torch.equal(torch.bincount(labels), torch.bincount(dataset.train_y))
+    assert torch.equal(labels, dataset.train_y[order])
+
+
+def test_train_batches_continue_exactly_from_a_saved_position(tmp_path):
+    write_cifar10(tmp_path, archive=False)
+    dataset = data.load("cifar10", tmp_path, val_size=0, download=False)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(60, generator=generator)
+    state = generator.get_state()
+    whole = [x for x, _ in data.train_batches(dataset, order, 10, 4, True, generator)]
+    generator.set_state(state)
+    batches = data.train_batches(dataset, order, 10, 4, True, generator)
+    first_two = [next(batches), next(batches)]
+    saved = generator.get_state()
+    generator.set_state(saved)
+    rest = [x for x, _ in data.train_batches(dataset, order, 10, 4, True, generator, start=2)]
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(whole[2:], rest))
+    assert torch.equal(first_two[0][0], whole[0])

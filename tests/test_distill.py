@@ -82,3 +82,82 @@ def test_frozen_teacher_stays_in_eval_and_gets_no_gradient():
 def test_unknown_method_names_the_choices():
     with pytest.raises(KeyError, match="kd"):
         distill.build_method("nope", CONFIG, None, None)
+
+
+METHOD_CONFIG = {**CONFIG, "DKD_ALPHA": 1.0, "DKD_BETA": 8.0, "DKD_WARMUP": 0.0, "LSKD_TEMPERATURE": 2.0,
+                 "FITNET_WEIGHT": 100.0, "AT_WEIGHT": 1000.0}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dkd_parts_decompose_kd_as_the_paper_states(seed):
+    torch.manual_seed(seed)
+    student, teacher, label = torch.randn(1, 7) * 3, torch.randn(1, 7) * 3, torch.tensor([seed % 7])
+    T = 3.0
+    tckd, nckd = distill.dkd_parts(student, teacher, label, T)
+    p_teacher_target = (teacher / T).softmax(1)[0, label].item()
+    assert distill.kd_loss(student, teacher, T).item() == pytest.approx(
+        tckd.item() + (1 - p_teacher_target) * nckd.item(), rel=1e-4)
+
+
+def test_dkd_parts_match_a_direct_computation():
+    student, teacher, labels = torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([0])
+    T = 2.0
+    ps, pt = (student / T).softmax(1)[0], (teacher / T).softmax(1)[0]
+    tckd = sum(b * math.log(b / a) for a, b in ((ps[0], pt[0]), (1 - ps[0], 1 - pt[0]))) * T * T
+    rest_s, rest_t = ps[1:] / ps[1:].sum(), pt[1:] / pt[1:].sum()
+    nckd = sum(t * math.log(t / s) for s, t in zip(rest_s.tolist(), rest_t.tolist())) * T * T
+    got_t, got_n = distill.dkd_parts(student, teacher, labels, T)
+    assert got_t.item() == pytest.approx(float(tckd), rel=1e-5)
+    assert got_n.item() == pytest.approx(float(nckd), rel=1e-5)
+
+
+def test_dkd_warms_up_its_distillation_term():
+    method = distill.DKD({**METHOD_CONFIG, "DKD_WARMUP": 0.5}, None, None)
+    student, teacher, labels = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    ce = F.cross_entropy(student, labels)
+    method.progress = 0.0
+    assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(ce.item())
+    tckd, nckd = distill.dkd_parts(student, teacher, labels, 2.0)
+    method.progress = 0.25
+    half = ce + 0.5 * (tckd + 8.0 * nckd)
+    assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(half.item(), rel=1e-5)
+
+
+def test_lskd_is_kd_on_z_scored_logits_and_ignores_logit_scale():
+    method = distill.LSKD(METHOD_CONFIG, None, None)
+    student, teacher, labels = torch.randn(3, 6), torch.randn(3, 6), torch.tensor([0, 1, 2])
+    z = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    expected = 0.25 * F.cross_entropy(student, labels) + 0.75 * distill.kd_loss(z(student), z(teacher), 2.0)
+    assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    soft = method.soft_targets_loss(student, teacher)
+    assert method.soft_targets_loss(student, teacher * 10 + 3).item() == pytest.approx(soft.item(), rel=1e-4)
+
+
+def test_attention_transfer_matches_a_direct_computation():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
+    a_s = s.pow(2).mean(1).flatten(1)
+    a_t = t.pow(2).mean(1).flatten(1)
+    expected = (a_s / a_s.norm(dim=1, keepdim=True) - a_t / a_t.norm(dim=1, keepdim=True)).pow(2).mean()
+    got = (distill.attention_map(s, (8, 8)) - distill.attention_map(t, (8, 8))).pow(2).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fitnet", "at", "kd", "dkd", "lskd"])
+@pytest.mark.parametrize("student_name,teacher_name", [("airnet_xs", "airnet_s"), ("resnet8", "vgg8"),
+                                                       ("mobilenetv2", "resnet14")])
+def test_methods_give_finite_loss_and_gradients_across_architectures(method, student_name, teacher_name):
+    torch.manual_seed(0)
+    student, teacher = models.build(student_name, 10, 3), models.build(teacher_name, 10, 3)
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    objective = distill.Distillation(student, teacher,
+                                     distill.build_method(method, METHOD_CONFIG, student, teacher, images[:2]))
+    objective.train()
+    loss, logits = objective(images, labels)
+    assert torch.isfinite(loss) and logits.shape == (4, 10)
+    loss.backward()
+    adapters = [p for p in objective.method.parameters()]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapters)
+    if method == "fitnet":
+        assert adapters and any(p.grad.abs().sum() > 0 for p in adapters)
+    assert all(p.grad is None for p in objective.teacher.parameters())

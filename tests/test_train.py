@@ -47,8 +47,11 @@ def test_distilled_alone_trains_the_missing_teacher_first(tmp_path):
 
 
 def test_missing_data_is_one_line_naming_where_and_how(tmp_path):
+    (tmp_path / "empty").mkdir()
     result = run_script("train.py", "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out", "--no-download", *FAST)
     assert_one_line_error(result, "empty", "cifar-10-python.tar.gz", "--data-dir", code=1)
+    result = run_script("train.py", "--data-dir", tmp_path / "nowhere", "--dataset", "folder", *FAST)
+    assert_one_line_error(result, "--data-dir", "nowhere", code=2)
 
 
 BAD_CONFIGS = [
@@ -75,6 +78,10 @@ BAD_CONFIGS = [
     (["--weight-decay", "-1e-4"], "--weight-decay"),
     (["--warmup", "1"], "--warmup"),
     (["--bogus-flag", "1"], "--bogus-flag"),
+    (["--dkd-beta", "-1"], "--dkd-beta"),
+    (["--image-size", "4"], "--image-size"),
+    (["--resume", "--fresh"], "--resume"),
+    (["--fitnet-weight", "x"], "--fitnet-weight"),
 ]
 
 

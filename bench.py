@@ -1,0 +1,243 @@
+"""Images per second of this repo's training and inference paths, against the
+loop that typical distillation repos run, side by side on this machine.
+
+    python3 bench.py                                   # generated CIFAR-shaped data
+    python3 bench.py --data-dir data/cifar10-jpeg      # real images (any cifar10 source)
+    python3 bench.py --quick                           # a smoke run: under a minute on 2 CPU cores
+
+ours: the repo's path. The dataset is one uint8 tensor on the device, batches
+are augmented all at once (random crop, flip) and normalised there, with
+channels_last, bf16 autocast where the hardware has it (--amp), and
+torch.compile if asked (--compile).
+conventional: a torch.utils.data.DataLoader over a per-sample Dataset with
+torchvision transforms (RandomCrop(32, padding=4), RandomHorizontalFlip,
+ToTensor, Normalize), as many workers as cores, float32, NCHW; the same
+models, batch size, optimiser and loss.
+
+Both train the same objectives from distill.py. Timings exclude warm-up steps
+and wait for the device before the clock stops. The figures go to a table and
+to a JSON file (--out).
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import config
+import data
+import distill
+import models
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="few steps per path: a smoke test, not a measurement")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per path (after 3 warm-up steps)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the conventional loop")
+    parser.add_argument("--out", default=None, help="JSON file for the results (default: OUT_DIR/bench.json)")
+
+
+class PerSampleDataset(torch.utils.data.Dataset):
+    """What CIFAR repos do: one PIL image at a time through torchvision transforms."""
+
+    def __init__(self, images, labels, transform):
+        self.images = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8, as torchvision's CIFAR10 holds it
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        return self.transform(image), self.labels[index]
+
+
+def conventional_loader(images, labels, mean, std, batch_size, workers, train):
+    augment = [T.RandomCrop(images.shape[-1], padding=4), T.RandomHorizontalFlip()] if train else []
+    transform = T.Compose([*augment, T.ToTensor(), T.Normalize(mean, std)])
+    return torch.utils.data.DataLoader(PerSampleDataset(images, labels, transform), batch_size=batch_size,
+                                       shuffle=train, num_workers=workers, drop_last=train,
+                                       persistent_workers=False, pin_memory=False)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_loop(run_step, batches, steps, device, warmup=3):
+    """Images per second of run_step over `steps` batches after `warmup` ones."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        run_step(*next(iterator))
+    synchronize(device)
+    start = time.perf_counter()
+    seen = 0
+    for _ in range(steps):
+        images, labels = next(iterator)
+        run_step(images, labels)
+        seen += len(labels)
+    synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def make_train_step(objective, cfg, autocast, device):
+    optimizer = distill.make_optimizer(objective, cfg, cfg["LR"])
+    objective.train()
+    forward = torch.compile(objective) if cfg["COMPILE"] else objective
+
+    def run_step(images, labels):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast():
+            loss, _ = forward(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return run_step
+
+
+def make_inference_step(model, autocast, device):
+    model.eval()
+
+    @torch.no_grad()
+    def run_step(images, labels):
+        with autocast():
+            model(images.to(device, non_blocking=True))
+
+    return run_step
+
+
+def build_objective(stage, cfg, dataset, device, memory_format, teacher_weights):
+    """The objective of a stage with fresh networks, laid out in `memory_format`."""
+    torch.manual_seed(cfg["SEED"])
+    name = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
+    model = models.build(name, len(dataset.classes), dataset.in_channels, cfg["DROPOUT"]).to(device, memory_format=memory_format)
+    model.init_from_data(data.normalize(dataset.train_x[:512], dataset.mean, dataset.std, False).to(memory_format=memory_format))
+    if stage != "distilled":
+        return distill.Supervised(model, cfg["LABEL_SMOOTHING"])
+    teacher = models.build(cfg["TEACHER"], len(dataset.classes), dataset.in_channels).to(device, memory_format=memory_format)
+    teacher.load_state_dict(teacher_weights)
+    sample = data.normalize(dataset.train_x[:8], dataset.mean, dataset.std, False).to(memory_format=memory_format)
+    method = distill.build_method(cfg["METHOD"], cfg, model, teacher, sample)
+    return distill.Distillation(model, teacher, method).to(device, memory_format=memory_format)
+
+
+def flops_per_image(model, in_channels, size, train):
+    """FLOPs of one image's forward (and backward, if train) by torch's flop counter."""
+    model = models.build(model, 10, in_channels)
+    images = torch.randn(2, in_channels, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            model.train()
+            model(images).sum().backward()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(images)
+    return counter.get_total_flops() / 2
+
+
+def generated_dataset(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    return data.Data(images, labels, images[:0], labels[:0], images[: n // 4], labels[: n // 4],
+                     [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3, "generated")
+
+
+def main(argv=None):
+    cfg = config.parse(argv, description=__doc__.split("\n\n")[0],
+                       names=["DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "METHOD", "BATCH_SIZE", "DEVICE", "OPTIMIZER", "LR",
+                              "AMP", "CHANNELS_LAST", "COMPILE", "THREADS", "SEED"],
+                       choices={"DATASET": data.DATASETS, "TEACHER": models.MODELS, "STUDENT": models.MODELS,
+                                "METHOD": distill.METHODS}, extra=add_arguments)
+    steps = 3 if cfg["quick"] else cfg["steps"]
+    if steps < 1 or cfg["workers"] < 0:
+        config.fail("steps", "--steps must be >= 1 and --workers >= 0")
+    if cfg["THREADS"]:
+        torch.set_num_threads(cfg["THREADS"])
+    device = torch.device("cuda" if cfg["DEVICE"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    batch_size = cfg["BATCH_SIZE"]
+    needed = max(batch_size, 256) * (steps + 3) + 256  # training batches, or inference batches of 256
+    if Path(cfg["DATA_DIR"]).is_dir():
+        try:
+            dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], [Path(cfg["OUT_DIR"]) / cfg["DATASET"]],
+                                val_size=0, download=False)
+        except data.DataError as error:
+            print(f"bench.py: {error}; using generated data instead", file=sys.stderr)
+            dataset = generated_dataset(needed)
+    else:
+        dataset = generated_dataset(needed)
+    cpu_images, cpu_labels = dataset.train_x[:needed].cpu(), dataset.train_y[:needed].cpu()
+    dataset.train_x, dataset.train_y = dataset.train_x[:needed].to(device), dataset.train_y[:needed].to(device)
+    autocast, amp_on = distill.autocast_for(device, cfg["AMP"])
+    fp32 = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
+    ours_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
+    teacher_weights = models.build(cfg["TEACHER"], len(dataset.classes), dataset.in_channels).state_dict()
+    generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
+    print(f"bench: {device} ({torch.get_num_threads()} threads), batch {batch_size}, {steps} timed steps per path, "
+          f"data {dataset.source}, bf16 {'on' if amp_on else 'off'}, channels_last {cfg['CHANNELS_LAST']}, "
+          f"compile {cfg['COMPILE']}, {cfg['workers']} loader workers for the conventional loop")
+
+    rows = {}
+    for stage in ("teacher", "student", "distilled"):
+        order = torch.randperm(len(dataset.train_y), device=device, generator=generator)
+        ours = time_loop(make_train_step(build_objective(stage, cfg, dataset, device, ours_format, teacher_weights), cfg,
+                                         autocast, device),
+                         data.train_batches(dataset, order, batch_size, 4, True, generator, cfg["CHANNELS_LAST"]),
+                         steps, device)
+        loader = conventional_loader(cpu_images, cpu_labels, dataset.mean, dataset.std, batch_size, cfg["workers"], True)
+        conventional = time_loop(make_train_step(build_objective(stage, cfg, dataset, device, torch.contiguous_format,
+                                                                 teacher_weights), cfg, fp32, device), loader, steps, device)
+        student = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
+        flops = flops_per_image(student, dataset.in_channels, dataset.image_size, train=True)
+        if stage == "distilled":
+            flops += flops_per_image(cfg["TEACHER"], dataset.in_channels, dataset.image_size, train=False)
+        rows[f"{stage} training"] = {"ours": ours, "conventional": conventional, "flops_per_image": flops}
+        print(f"  {stage} training: ours {ours:,.0f} img/s, conventional {conventional:,.0f} img/s", flush=True)
+
+    for name in (cfg["TEACHER"], cfg["STUDENT"]):
+        role = "teacher" if name == cfg["TEACHER"] else "student"
+        model = models.build(name, len(dataset.classes), dataset.in_channels)
+        ours_batches = ((data.normalize(dataset.train_x[i:i + 256], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]),
+                         dataset.train_y[i:i + 256]) for i in range(0, len(dataset.train_y) - 255, 256))
+        ours = time_loop(make_inference_step(model.to(device, memory_format=ours_format), autocast, device),
+                         ours_batches, steps, device)
+        loader = conventional_loader(cpu_images, cpu_labels, dataset.mean, dataset.std, 256, cfg["workers"], False)
+        conventional = time_loop(make_inference_step(model.to(memory_format=torch.contiguous_format), fp32, device),
+                                 loader, steps, device)
+        flops = flops_per_image(name, dataset.in_channels, dataset.image_size, train=False)
+        rows[f"{role} inference"] = {"ours": ours, "conventional": conventional, "flops_per_image": flops}
+        print(f"  {role} inference: ours {ours:,.0f} img/s, conventional {conventional:,.0f} img/s", flush=True)
+
+    print(f"\n| path | ours (img/s) | conventional (img/s) | ours / conventional | GFLOP per image | ours GFLOP/s |\n"
+          f"|---|---:|---:|---:|---:|---:|")
+    for path, row in rows.items():
+        row["ratio"] = row["ours"] / row["conventional"]
+        row["gflops_per_second"] = row["ours"] * row["flops_per_image"] / 1e9
+        print(f"| {path} | {row['ours']:,.0f} | {row['conventional']:,.0f} | {row['ratio']:.2f}x | "
+              f"{row['flops_per_image'] / 1e9:.3f} | {row['gflops_per_second']:.1f} |")
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": batch_size, "steps": steps,
+              "data": dataset.source, "teacher": cfg["TEACHER"], "student": cfg["STUDENT"], "bf16": amp_on,
+              "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"], "rows": rows}
+    out = Path(cfg["out"] or Path(cfg["OUT_DIR"]) / "bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Classify image files with a checkpoint saved by train.py.
+
+    python3 predict.py photo.jpg                    # the distilled student of config.DATASET
+    python3 predict.py a.png b.jpg some_folder/ --top-k 3
+    python3 predict.py *.png --checkpoint checkpoints/cifar10/teacher.pt --json
+    python3 predict.py data/cifar10-jpeg/test --evaluate
+
+Every image is prepared exactly as training images were: EXIF orientation is
+applied, it is converted to the checkpoint's channels (RGB, or grey), its
+short side is resized to the checkpoint's image size and the centre square is
+cropped, then it is normalised with the checkpoint's mean and std. Like
+train.py's test accuracy, predictions average each image and its mirror when
+the checkpoint was evaluated that way (flip TTA).
+
+Exit status: 0 when every file was classified, 1 when any failed, 2 for a
+usage error (bad flag, missing or unusable checkpoint).
+"""
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import config
+import data
+import models
+
+PROG = "predict.py"
+
+
+def add_arguments(parser):
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of images")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint to use (default: OUT_DIR/DATASET/distilled.pt)")
+    parser.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
+    parser.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+    parser.add_argument("--recursive", action="store_true", help="also read images in subfolders")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="treat each folder as <class>/<images> and report accuracy and a confusion summary")
+
+
+def usage_error(message):
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    raise SystemExit(2)
+
+
+def load_model(path, default_used, dataset, device):
+    """The checkpoint's model in eval mode, and the checkpoint dict."""
+    if not Path(path).is_file():
+        how = (f"train one with: python3 train.py --dataset {dataset}" if default_used
+               else "check the path given to --checkpoint")
+        usage_error(f"no checkpoint at {path}; {how}")
+    try:
+        checkpoint = models.load_checkpoint(path)
+        model = models.checkpoint_model(checkpoint)
+    except (ValueError, OSError) as error:
+        usage_error(f"{path}: {error}")
+    return model.to(device).eval().to(memory_format=torch.channels_last), checkpoint
+
+
+def expand(paths, recursive, evaluate):
+    """(file, None) for every input image, or (path, error) for an unusable input."""
+    items = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            pattern = "**/*" if (recursive or evaluate) else "*"
+            found = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS)
+            items += [(p, None) for p in found] or [(path, "folder holds no image files")]
+        elif path.exists():
+            items.append((path, None))
+        else:
+            items.append((path, "no such file or folder"))
+    return items
+
+
+def read_image(path, size, channels):
+    """uint8 (C, size, size) array, or an error string that names the problem."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        return data.load_image(path, size, channels)
+    except data.DataError as error:
+        return str(error).removeprefix(f"{path}: ")
+    except PermissionError:
+        return "permission denied"
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+
+
+@torch.no_grad()
+def predict(model, images, checkpoint, device):
+    """Class probabilities for a uint8 batch, with the checkpoint's normalisation and TTA."""
+    batch = data.normalize(images.to(device), checkpoint["mean"], checkpoint["std"])
+    probs = model(batch).float().softmax(1)
+    if checkpoint.get("tta"):
+        probs = (probs + model(batch.flip(-1)).float().softmax(1)) / 2
+    return probs.cpu()
+
+
+def classify(items, model, checkpoint, device, batch_size):
+    """Yield (path, probabilities or None, error or None) in input order.
+
+    Files are decoded by a thread pool (Pillow releases the GIL while
+    decoding) and classified in batches."""
+    size, channels = checkpoint["image_size"], checkpoint["in_channels"]
+    with ThreadPoolExecutor() as pool:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            decoded = list(pool.map(lambda item: item[1] or read_image(item[0], size, channels), chunk))
+            good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+            probs = predict(model, torch.from_numpy(np.stack([decoded[i] for i in good])), checkpoint, device) if good else None
+            rows = {i: probs[k] for k, i in enumerate(good)}
+            for i, (path, _) in enumerate(chunk):
+                yield (path, rows[i], None) if i in rows else (path, None, decoded[i])
+
+
+def confusion_summary(labels, predicted, classes):
+    """Overall accuracy and, per class, its accuracy and the class it is most often mistaken for."""
+    n = len(classes)
+    matrix = torch.zeros(n, n, dtype=torch.int64)
+    matrix.index_put_((torch.tensor(labels), torch.tensor(predicted)), torch.ones(len(labels), dtype=torch.int64),
+                      accumulate=True)
+    lines = [f"accuracy {matrix.diag().sum().item() / max(1, len(labels)):.2%} on {len(labels)} images",
+             f"{'class':>16} {'images':>7} {'accuracy':>9}  most often mistaken for"]
+    for c in range(n):
+        total = int(matrix[c].sum())
+        if total == 0:
+            continue
+        wrong = matrix[c].clone()
+        wrong[c] = 0
+        worst = int(wrong.argmax())
+        mistaken = f"{classes[worst]} ({int(wrong[worst])})" if wrong[worst] > 0 else "-"
+        lines.append(f"{classes[c]:>16} {total:>7} {matrix[c, c].item() / total:>9.2%}  {mistaken}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    cfg = config.parse(argv, description=__doc__.split("\n\n")[0], names=["OUT_DIR", "DATASET", "DEVICE"],
+                       extra=add_arguments)
+    if cfg["top_k"] < 1:
+        config.fail("top-k", f"must be >= 1 (got {cfg['top_k']})", PROG)
+    if cfg["batch_size"] < 1:
+        config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
+    if cfg["DEVICE"] == "cuda" and not torch.cuda.is_available():
+        config.fail("device", "cuda was asked for but torch sees no CUDA device; use --device cpu", PROG)
+    device = torch.device("cuda" if cfg["DEVICE"] == "cuda" or (cfg["DEVICE"] == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    default_path = Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt"
+    model, checkpoint = load_model(cfg["checkpoint"] or default_path, cfg["checkpoint"] is None, cfg["DATASET"], device)
+    classes = checkpoint["classes"]
+    items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
+    if cfg["evaluate"]:
+        unknown = sorted({p.parent.name for p, error in items if error is None} - set(classes))
+        if unknown:
+            usage_error(f"--evaluate needs <class>/<image> folders named after the checkpoint's classes; "
+                        f"{', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not among "
+                        f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}")
+
+    k = min(cfg["top_k"], len(classes))
+    results, failures, labels, predicted = [], 0, [], []
+    for path, probs, error in classify(items, model, checkpoint, device, cfg["batch_size"]):
+        if error is not None:
+            failures += 1
+            sys.stderr.write(f"{PROG}: error: {path}: {error}\n")
+            results.append({"file": str(path), "error": error})
+            continue
+        top = probs.topk(k)
+        ranked = [{"class": classes[i], "index": int(i), "prob": round(float(p), 6)} for p, i in zip(top.values, top.indices)]
+        results.append({"file": str(path), "predictions": ranked})
+        if cfg["evaluate"]:
+            labels.append(classes.index(path.parent.name))
+            predicted.append(int(top.indices[0]))
+        if not cfg["json"] and not cfg["evaluate"]:
+            print(f"{path}: " + ", ".join(f"{r['class']} {r['prob']:.1%}" for r in ranked))
+    if cfg["json"]:
+        print(json.dumps(results, indent=1))
+    if cfg["evaluate"]:
+        print(confusion_summary(labels, predicted, classes), file=sys.stderr if cfg["json"] else sys.stdout)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""predict.py end to end, run as a user would: good files, bad files, bad checkpoints."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import models
+from conftest import FAST, assert_one_line_error, coloured_images, run_script, write_image_tree
+
+CLASSES = ["cat", "dog", "fish"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A teacher checkpoint trained by train.py on a tiny image tree."""
+    root = tmp_path_factory.mktemp("predict")
+    write_image_tree(root / "tree", classes=CLASSES, per_class_train=10, per_class_test=4, mixed=False)
+    result = run_script("train.py", "--dataset", "folder", "--data-dir", root / "tree", "--out-dir", root / "out",
+                        "--stages", "teacher", *FAST, "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "out" / "folder" / "teacher.pt", root / "tree"
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "good.png"
+    Image.fromarray(coloured_images([1])[0]).save(path)
+    return path
+
+
+def predict(checkpoint, *args):
+    return run_script("predict.py", "--checkpoint", checkpoint, *args)
+
+
+def direct_top1(checkpoint_path, files):
+    """Top-1 of the checkpoint's model on the files, computed without predict.py."""
+    checkpoint = models.load_checkpoint(checkpoint_path)
+    model = models.checkpoint_model(checkpoint).eval()
+    images = torch.from_numpy(np.stack([data.load_image(f, checkpoint["image_size"], 3) for f in files]))
+    batch = data.normalize(images, checkpoint["mean"], checkpoint["std"])
+    with torch.no_grad():
+        probs = model(batch).softmax(1) + model(batch.flip(-1)).softmax(1)
+    return [checkpoint["classes"][i] for i in probs.argmax(1).tolist()]
+
+
+def test_predictions_match_the_model_run_directly(trained, tmp_path):
+    checkpoint, tree = trained
+    files = []
+    for i, label in enumerate([0, 1, 2, 0, 2]):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(coloured_images([label], size=40, seed=50 + i)[0]).save(path)
+        files.append(path)
+    result = predict(checkpoint, *files, "--json", "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    items = json.loads(result.stdout)
+    assert [item["file"] for item in items] == [str(f) for f in files]
+    for item in items:
+        assert len(item["predictions"]) == 2
+        assert item["predictions"][0]["prob"] >= item["predictions"][1]["prob"]
+        assert item["predictions"][0]["class"] == CLASSES[item["predictions"][0]["index"]]
+    assert [item["predictions"][0]["class"] for item in items] == direct_top1(checkpoint, files)
+
+
+def test_plain_output_is_one_line_per_file_with_percentages(trained, tmp_path, good):
+    checkpoint, _ = trained
+    result = predict(checkpoint, good, "--top-k", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{good}: ") and lines[0].count("%") == 3
+
+
+def test_folder_input_is_sorted_and_recursive_is_opt_in(trained, tmp_path, good):
+    checkpoint, _ = trained
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.png", "sub/c.png"):
+        shutil.copy(good, folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    flat = json.loads(predict(checkpoint, folder, "--json").stdout)
+    assert [os.path.basename(i["file"]) for i in flat] == ["a.png", "b.png"]
+    deep = json.loads(predict(checkpoint, folder, "--json", "--recursive").stdout)
+    assert sorted(os.path.basename(i["file"]) for i in deep) == ["a.png", "b.png", "c.png"]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "LA", "I;16"])
+def test_every_image_mode_gives_a_prediction(trained, tmp_path, mode):
+    checkpoint, _ = trained
+    picture = Image.fromarray(coloured_images([2], size=37)[0])
+    if mode == "I;16":
+        picture = Image.fromarray(np.asarray(picture.convert("L"), dtype=np.uint16) * 257)
+    elif mode != "RGB":
+        picture = picture.convert(mode)
+    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
+    picture.save(path)
+    assert data.load_image(path, 32, 3).shape == (3, 32, 32)
+    items = json.loads(predict(checkpoint, path, "--json").stdout)
+    assert items[0]["predictions"][0]["class"] in CLASSES
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :20] = 255  # left half white
+    image = Image.fromarray(array)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    loaded = data.load_image(tmp_path / "rotated.jpg", 20, 3)
+    assert loaded[:, :5].mean() > 200 and loaded[:, -5:].mean() < 50  # white is on top after rotation
+
+
+def make_bad_file(kind, tmp_path, good):
+    path = tmp_path / {"missing": "missing.png", "empty": "empty.png", "text": "text.jpg",
+                       "truncated-png": "cut.png", "truncated-jpeg": "cut.jpg", "bomb": "bomb.png",
+                       "tiny": "tiny.png", "empty-folder": "nothing"}[kind]
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("hello, I am not a JPEG")
+    elif kind == "truncated-png":
+        blob = good.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    elif kind == "truncated-jpeg":
+        Image.fromarray(coloured_images([0], size=64)[0]).save(tmp_path / "full.jpg", quality=90)
+        blob = (tmp_path / "full.jpg").read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    elif kind == "bomb":
+        Image.new("1", (12000, 12000)).save(path)  # 144 Mpixels, over Pillow's decompression-bomb limit
+    elif kind == "tiny":
+        Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
+    elif kind == "empty-folder":
+        path.mkdir()
+        (path / "readme.txt").write_text("no images here")
+    return path
+
+
+BAD_FILES = {"missing": "no such file", "empty": "empty file", "text": "cannot read image",
+             "truncated-png": "cannot read image", "truncated-jpeg": "cannot read image", "bomb": "too large",
+             "tiny": "1x1", "empty-folder": "no image files"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_bad_file_is_one_line_and_good_files_still_classified(trained, tmp_path, good, kind):
+    checkpoint, _ = trained
+    bad = make_bad_file(kind, tmp_path, good)
+    result = predict(checkpoint, good, bad)
+    assert result.returncode == 1
+    assert_one_line_error(result, str(bad), BAD_FILES[kind])
+    assert result.stdout.startswith(f"{good}: ")
+    items = json.loads(predict(checkpoint, bad, good, "--json").stdout)
+    assert "error" in items[0] and items[1]["predictions"]
+
+
+def test_unreadable_file_is_reported(trained, tmp_path, good):
+    checkpoint, _ = trained
+    locked = tmp_path / "locked.png"
+    shutil.copy(good, locked)
+    locked.chmod(0)
+    command = []
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that bypass file permissions
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv")
+        command = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+    import subprocess
+
+    from conftest import ROOT
+
+    result = subprocess.run([*command, sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(checkpoint),
+                             str(good), str(locked)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert_one_line_error(result, str(locked), "permission denied")
+    assert result.stdout.startswith(f"{good}: ")
+
+
+def test_evaluate_reports_accuracy_equal_to_direct_computation(trained):
+    checkpoint, tree = trained
+    result = predict(checkpoint, tree / "test", "--evaluate")
+    assert result.returncode == 0, result.stderr
+    files = sorted((tree / "test").glob("*/*.png"))
+    truth = [f.parent.name for f in files]
+    expected = sum(a == b for a, b in zip(direct_top1(checkpoint, files), truth)) / len(files)
+    assert f"accuracy {expected:.2%} on {len(files)} images" in result.stdout
+    for name in CLASSES:
+        assert name in result.stdout
+
+
+def test_evaluate_with_foreign_folder_names_says_so(trained, tmp_path, good):
+    checkpoint, _ = trained
+    (tmp_path / "tree" / "zebra").mkdir(parents=True)
+    shutil.copy(good, tmp_path / "tree" / "zebra" / "z.png")
+    result = predict(checkpoint, tmp_path / "tree", "--evaluate")
+    assert_one_line_error(result, "zebra", "not among", code=2)
+
+
+def corrupt_checkpoint(kind, tmp_path, checkpoint_path):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "truncated":
+        blob = checkpoint_path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    elif kind == "not-a-checkpoint":
+        path.write_text("just some text")
+    elif kind in ("unknown-model", "class-mismatch"):
+        checkpoint = torch.load(checkpoint_path, weights_only=True)
+        if kind == "unknown-model":
+            checkpoint["model"] = "resnet9000"
+        else:
+            checkpoint["num_classes"] = 7
+        torch.save(checkpoint, path)
+    return path
+
+
+BAD_CHECKPOINTS = {"missing": "no checkpoint at", "truncated": "not a readable checkpoint",
+                   "not-a-checkpoint": "not a readable checkpoint", "unknown-model": "unknown model",
+                   "class-mismatch": "do not fit"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_one_line(trained, tmp_path, good, kind):
+    checkpoint, _ = trained
+    path = corrupt_checkpoint(kind, tmp_path, checkpoint)
+    result = predict(path, good)
+    assert_one_line_error(result, str(path), BAD_CHECKPOINTS[kind], code=2)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": "airnet_xs", "payload": RunsCode(marker)}, path)
+    result = predict(path, good)
+    assert_one_line_error(result, str(path), "not a readable checkpoint", code=2)
+    assert not marker.exists()
+
+
+def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good):
+    result = run_script("predict.py", "--out-dir", tmp_path, "--dataset", "cifar100", good)
+    assert_one_line_error(result, "cifar100/distilled.pt", "python3 train.py --dataset cifar100", code=2)
+
+
+@pytest.mark.parametrize("args,flag", [(["--top-k", "0"], "--top-k"), (["--device", "tpu"], "--device"),
+                                       (["--batch-size", "-1"], "--batch-size"), (["--bogus"], "--bogus")])
+def test_usage_errors_exit_2(trained, good, args, flag):
+    checkpoint, _ = trained
+    assert_one_line_error(predict(checkpoint, good, *args), flag, code=2)

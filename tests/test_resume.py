@@ -1,0 +1,127 @@
+"""Interruption, resume, divergence and atomic writes, run as a user would."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import models
+from conftest import FAST, ROOT, assert_one_line_error, run_script, write_cifar10
+
+# enough epochs on tiny data that a stage is still running when the first .last.pt appears
+SLOW = [*FAST, "--stages", "teacher", "--epochs", "12", "--teacher", "airnet_xs", "--deterministic"]
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    write_cifar10(tmp_path / "data", per_class_train=8, per_class_test=2)
+    return tmp_path / "data"
+
+
+def start(data_dir, out, *extra):
+    command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data_dir), "--out-dir", str(out), *SLOW, *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no progress file appeared"
+        time.sleep(0.01)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path):
+    reference = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path / "ref", *SLOW)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    process = start(tiny_cifar, out)
+    wait_for(out / "cifar10" / "teacher.last.pt", process)
+    process.kill()
+    process.wait()
+    assert not (out / "cifar10" / "teacher.pt").exists(), "the stage finished before it could be killed"
+    saved = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
+    assert 1 < saved["epoch"] <= 12
+
+    again = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW)
+    assert_one_line_error(again, "teacher.last.pt", "--resume", code=2)  # not silently overwritten
+
+    resumed = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at epoch" in resumed.stdout
+    assert not (out / "cifar10" / "teacher.last.pt").exists()
+    expected = models.load_checkpoint(tmp_path / "ref" / "cifar10" / "teacher.pt")["state_dict"]
+    got = models.load_checkpoint(out / "cifar10" / "teacher.pt")["state_dict"]
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ"
+    log = (out / "cifar10" / "teacher.jsonl").read_text().splitlines()
+    assert len(log) == 12
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, signum, code):
+    out = tmp_path / "out"
+    process = start(tiny_cifar, out)
+    wait_for(out / "cifar10" / "teacher.last.pt", process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    state = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
+    assert state["stage"] == "teacher" and state["epoch"] >= 1
+    resumed = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert models.load_checkpoint(out / "cifar10" / "teacher.pt")["metrics"]["epochs"] == 12
+
+
+def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    process = start(tiny_cifar, out)
+    wait_for(out / "cifar10" / "teacher.last.pt", process)
+    process.kill()
+    process.wait()
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume", "--lr", "0.01")
+    assert_one_line_error(result, "other settings", "--lr", code=2)
+
+
+def test_non_finite_loss_stops_with_epoch_step_and_fix(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    good = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *FAST, "--stages", "teacher")
+    assert good.returncode == 0, good.stderr[-2000:]
+    before = (out / "cifar10" / "teacher.pt").read_bytes()
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *FAST, "--stages", "student",
+                        "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2")
+    assert_one_line_error(result, "non-finite", "epoch 1, step", "--lr", code=1)
+    assert (out / "cifar10" / "teacher.pt").read_bytes() == before
+    models.load_checkpoint(out / "cifar10" / "teacher.pt")
+    assert not (out / "cifar10" / "student.pt").exists()
+
+
+def test_unwritable_out_dir_is_reported_before_training(tiny_cifar, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", blocker, *FAST)
+    assert_one_line_error(result, "--out-dir", code=2)
+    assert "data:" not in result.stdout  # nothing was loaded or trained
+
+
+def test_interrupted_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "teacher.pt"
+    torch.save({"weights": torch.ones(3)}, path)
+
+    def crash(*args):
+        raise OSError("disk vanished between the temporary file and the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        data.atomic_write(path, lambda p: torch.save({"weights": torch.zeros(3)}, p))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher.pt"]  # no temporary file left behind
