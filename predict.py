@@ -18,6 +18,7 @@ usage error (bad flag, missing or unusable checkpoint).
 
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def main(argv=None):
                         f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}")
 
     k = min(cfg["top_k"], len(classes))
+    started = time.perf_counter()
     results, failures, labels, predicted = [], 0, [], []
     for path, probs, error in classify(items, model, checkpoint, device, cfg["batch_size"]):
         if error is not None:
@@ -180,7 +182,9 @@ def main(argv=None):
     if cfg["json"]:
         print(json.dumps(results, indent=1))
     if cfg["evaluate"]:
-        print(confusion_summary(labels, predicted, classes), file=sys.stderr if cfg["json"] else sys.stdout)
+        seconds = time.perf_counter() - started
+        print(f"{confusion_summary(labels, predicted, classes)}\n{len(items)} files in {seconds:.1f} s "
+              f"({len(items) / seconds:,.0f} images/s, decoding included)", file=sys.stderr if cfg["json"] else sys.stdout)
     return 1 if failures else 0
 
 

@@ -60,3 +60,12 @@ def test_load_checkpoint_refuses_other_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this repo"):
         models.load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("name,published", [("resnet8x4", 1.23e6), ("resnet32x4", 7.43e6), ("wrn_40_2", 2.25e6),
+                                            ("wrn_16_2", 0.70e6), ("resnet56", 0.86e6), ("resnet20", 0.28e6),
+                                            ("vgg13", 9.46e6), ("vgg8", 3.96e6), ("mobilenetv2", 0.81e6),
+                                            ("shufflenetv1", 0.95e6), ("shufflenetv2", 1.36e6)])
+def test_zoo_parameter_counts_match_the_published_ones(name, published):
+    """Counts for CIFAR-100 (100 classes), as tabulated by RepDistiller and mdistiller."""
+    assert models.count_params(models.build(name, 100, 3)) == pytest.approx(published, rel=0.01)

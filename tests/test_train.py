@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -101,3 +102,31 @@ def test_help_lists_every_constant_with_its_default():
     for name in config.defaults():
         assert f"--{name.lower().replace('_', '-')}" in text
     assert "default: 0.9" in text  # ALPHA
+
+
+@pytest.fixture(scope="module")
+def method_setup(tmp_path_factory):
+    """Tiny CIFAR-10 data and a teacher trained on it, shared by the method runs."""
+    root = tmp_path_factory.mktemp("methods")
+    write_cifar10(root / "data", per_class_train=20, per_class_test=2)
+    result = run_script("train.py", "--data-dir", root / "data", "--out-dir", root / "teacher", *FAST,
+                        "--stages", "teacher", "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "lskd", "fitnet", "at"])
+def test_every_method_trains_through_train_py(method_setup, method):
+    out = method_setup / method
+    (out / "cifar10").mkdir(parents=True)
+    shutil.copy(method_setup / "teacher" / "cifar10" / "teacher.pt", out / "cifar10" / "teacher.pt")
+    result = run_script("train.py", "--data-dir", method_setup / "data", "--out-dir", out, *FAST, "--stages", "distilled",
+                        "--method", method, "--epochs", "2", "--dkd-warmup", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "cifar10" / "distilled.jsonl").read_text().splitlines()]
+    assert log[1]["loss"] < log[0]["loss"], log
+    checkpoint = models.load_checkpoint(out / "cifar10" / "distilled.pt")
+    assert checkpoint["metrics"]["method"] == method
+    # the student's checkpoint holds the student alone: no adapter, no teacher
+    student_keys = set(models.build("airnet_xs", 10, 3).state_dict())
+    assert set(checkpoint["state_dict"]) == student_keys
