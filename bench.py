@@ -168,7 +168,7 @@ def main(argv=None):
         config.fail("steps", "--steps must be >= 1 and --workers >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
-    device = torch.device("cuda" if cfg["DEVICE"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = config.device(cfg["DEVICE"])
     batch_size = cfg["BATCH_SIZE"]
     needed = max(batch_size, 256) * (steps + 3) + 256  # training batches, or inference batches of 256
     if Path(cfg["DATA_DIR"]).is_dir():

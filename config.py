@@ -24,7 +24,7 @@ EPOCHS = (8, 5, 5)  # epochs of the teacher, student and distilled stages (one n
 BATCH_SIZE = 128  # images per step
 OPTIMIZER = "adamw"  # adamw | sgd (Nesterov momentum; try --lr 0.1 --weight-decay 5e-4)
 LR = 4e-3  # peak learning rate (of the teacher stage)
-STUDENT_LR = 8e-3  # peak learning rate of the student and distilled stages (0: LR)
+STUDENT_LR = 8e-3  # peak learning rate of the student and distilled stages (0: LR; a typed --lr alone sets both)
 LR_SCHEDULE = "linear"  # linear (warm-up, then linear decay to zero) | step (warm-up, then x0.1 at LR_MILESTONES)
 LR_MILESTONES = (0.625, 0.75, 0.875)  # step schedule: fractions of a stage's epochs where the rate drops tenfold
 MOMENTUM = 0.9  # SGD momentum
@@ -67,7 +67,7 @@ THREADS = 0  # CPU threads for torch (0: torch's default)
 RECIPES = {
     "fast": {},
     "paper": {"DATASET": "cifar100", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4", "VAL_SIZE": 0,
-              "EPOCHS": (240, 240, 240), "BATCH_SIZE": 64, "OPTIMIZER": "sgd", "LR": 0.05, "MOMENTUM": 0.9,
+              "EPOCHS": (240, 240, 240), "BATCH_SIZE": 64, "OPTIMIZER": "sgd", "LR": 0.05, "STUDENT_LR": 0.0, "MOMENTUM": 0.9,
               "WEIGHT_DECAY": 5e-4, "LR_SCHEDULE": "step", "LR_MILESTONES": (0.625, 0.75, 0.875), "WARMUP": 0.0,
               "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9},
 }
@@ -171,6 +171,15 @@ def fail(flag, message, prog=None):
     raise SystemExit(2)
 
 
+def device(choice, prog=None):
+    """The torch device for DEVICE (auto: CUDA when there is one)."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        fail("device", "cuda was asked for but torch sees no CUDA device; use --device cpu", prog)
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def flag(name):
     return name.lower().replace("_", "-")
 
@@ -202,11 +211,14 @@ def parse(argv=None, description=None, names=None, choices=None, extra=None):
     if extra:
         extra(parser)
     args = vars(parser.parse_args(argv))
+    typed = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+    was_typed = lambda name: bool(typed & {f"--{flag(name)}", f"--no-{flag(name)}"})  # noqa: E731
     if "RECIPE" in names:  # a recipe replaces defaults, not what the user typed
-        typed = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
         for name, value in RECIPES.get(args["RECIPE"], {}).items():
-            if not typed & {f"--{flag(name)}", f"--no-{flag(name)}"}:
+            if not was_typed(name):
                 args[name] = value
+    if "STUDENT_LR" in names and was_typed("LR") and not was_typed("STUDENT_LR"):
+        args["STUDENT_LR"] = 0.0  # a typed --lr alone sets the rate of every stage
     for name in names:
         check = _RULES.get(name)
         problem = check(args[name]) if check else None

@@ -42,10 +42,33 @@ def count_params(model):
 
 
 class Classifier(nn.Module):
-    """Base class: subclasses implement forward_features, forward follows."""
+    """Base class of every model: a stem, a list of stages, an optional block
+    before pooling (`final`), global pooling, dropout and a linear head.
+
+    Subclasses call super().__init__(dropout), set self.stages (an
+    nn.ModuleList) and self.head, and replace self.stem, self.final or
+    self.pool where they differ. `feature_stages` picks which stage outputs
+    are reported as features (all by default)."""
+
+    feature_stages = None
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.stem = nn.Identity()
+        self.final = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
 
     def forward_features(self, x):
-        raise NotImplementedError
+        x = self.stem(x)
+        stages = []
+        for stage in self.stages:
+            x = stage(x)
+            stages.append(x)
+        pooled = self.pool(self.final(x)).flatten(1)
+        if self.feature_stages is not None:
+            stages = [stages[i] for i in self.feature_stages]
+        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
 
     def forward(self, x):
         return self.forward_features(x)["logits"]
@@ -84,7 +107,7 @@ class AirNet(Classifier):
     """
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, widths=(64, 256, 256)):
-        super().__init__()
+        super().__init__(dropout)
         previous = 8 * in_channels  # 4 * in_channels eigenvectors of the 2x2 patches, both signs
         self.whiten = nn.Conv2d(in_channels, previous, 2, bias=True)
         self.whiten.weight.requires_grad_(False)
@@ -93,7 +116,6 @@ class AirNet(Classifier):
             self.stages.append(nn.Sequential(conv_bn_act(previous, width, pool=True), conv_bn_act(width, width)))
             previous = width
         self.pool = nn.AdaptiveMaxPool2d(1)
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(previous, num_classes)
 
     @torch.no_grad()
@@ -106,14 +128,8 @@ class AirNet(Classifier):
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
 
-    def forward_features(self, x):
-        x = nn.functional.relu(self.whiten(x))
-        stages = []
-        for stage in self.stages:
-            x = stage(x)
-            stages.append(x)
-        pooled = self.pool(x).flatten(1)
-        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
+    def stem(self, x):  # a method, so that the whitening layer keeps its own name in checkpoints
+        return nn.functional.relu(self.whiten(x))
 
 
 AIRNET_WIDTHS = {  # name -> widths of the three stages
@@ -159,7 +175,7 @@ class CifarResNet(Classifier):
     after the stem for the 'x4' variants."""
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, depth=20, widths=(16, 16, 32, 64)):
-        super().__init__()
+        super().__init__(dropout)
         blocks = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
@@ -171,17 +187,7 @@ class CifarResNet(Classifier):
                 layers.append(BasicBlock(previous, width, stride=2 if index > 0 and block == 0 else 1))
                 previous = width
             self.stages.append(nn.Sequential(*layers))
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(previous, num_classes)
-
-    def forward_features(self, x):
-        x = self.stem(x)
-        stages = []
-        for stage in self.stages:
-            x = stage(x)
-            stages.append(x)
-        pooled = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
-        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
@@ -216,7 +222,7 @@ class WideResNet(Classifier):
     widths 16k, 32k and 64k."""
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, depth=16, widen=1):
-        super().__init__()
+        super().__init__(dropout)
         blocks = (depth - 4) // 6
         self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.stages = nn.ModuleList()
@@ -228,17 +234,7 @@ class WideResNet(Classifier):
                 previous = width
             self.stages.append(nn.Sequential(*layers))
         self.final = nn.Sequential(nn.BatchNorm2d(previous), nn.ReLU(inplace=True))
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(previous, num_classes)
-
-    def forward_features(self, x):
-        x = self.stem(x)
-        stages = []
-        for stage in self.stages:
-            x = stage(x)
-            stages.append(x)
-        pooled = nn.functional.adaptive_avg_pool2d(self.final(x), 1).flatten(1)
-        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
 
 
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
@@ -252,7 +248,7 @@ class VGG(Classifier):
     and one linear layer (as in RepDistiller)."""
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, blocks=((64,), (128,), (256,), (512,), (512,))):
-        super().__init__()
+        super().__init__(dropout)
         self.stages = nn.ModuleList()
         previous = in_channels
         for index, widths in enumerate(blocks):
@@ -261,16 +257,7 @@ class VGG(Classifier):
                 layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
                 previous = width
             self.stages.append(nn.Sequential(*layers))
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(previous, num_classes)
-
-    def forward_features(self, x):
-        stages = []
-        for stage in self.stages:
-            x = stage(x)
-            stages.append(x)
-        pooled = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
-        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
 
 
 VGG_BLOCKS = {  # name -> convolutions per block (widths 64, 128, 256, 512, 512)
@@ -307,11 +294,13 @@ class MobileNetV2(Classifier):
     distillation benchmark: expansion 6, width multiplier 0.5, strides adapted
     to small inputs."""
 
+    feature_stages = (1, 2, 4, 6)  # the stages that change resolution or end the network
+
     SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1))  # expansion, width, blocks, stride of the first block
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, width=0.5):
-        super().__init__()
+        super().__init__(dropout)
         previous = int(32 * width)
         self.stem = conv_bn(in_channels, previous, 3, 1)
         self.stages = nn.ModuleList()
@@ -322,19 +311,7 @@ class MobileNetV2(Classifier):
                 previous = int(channels * width)
             self.stages.append(nn.Sequential(*layers))
         self.final = conv_bn(previous, 1280)
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(1280, num_classes)
-
-    def forward_features(self, x):
-        x = self.stem(x)
-        stages = []
-        for stage in self.stages:
-            x = stage(x)
-            stages.append(x)
-        pooled = nn.functional.adaptive_avg_pool2d(self.final(x), 1).flatten(1)
-        # the stages that change resolution or end the network carry the features
-        return {"stages": [stages[i] for i in (1, 2, 4, 6)], "pooled": pooled,
-                "logits": self.head(self.dropout(pooled))}
 
 
 register("mobilenetv2")(lambda num_classes, in_channels=3, dropout=0.0: MobileNetV2(num_classes, in_channels, dropout))
@@ -371,7 +348,7 @@ class ShuffleNetV1(Classifier):
     """ShuffleNet V1 for 32x32 images, 3 groups, widths (240, 480, 960), as in RepDistiller."""
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, widths=(240, 480, 960), blocks=(4, 8, 4), groups=3):
-        super().__init__()
+        super().__init__(dropout)
         self.stem = conv_bn(in_channels, 24)
         self.stages = nn.ModuleList()
         previous = 24
@@ -382,17 +359,7 @@ class ShuffleNetV1(Classifier):
                                              first_groups=not (index == 0 and block == 0)))
                 previous = width
             self.stages.append(nn.Sequential(*layers))
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(previous, num_classes)
-
-    def forward_features(self, x):
-        x = self.stem(x)
-        stages = []
-        for stage in self.stages:
-            x = stage(x)
-            stages.append(x)
-        pooled = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
-        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
 
 
 class ShuffleV2Block(nn.Module):
@@ -422,7 +389,7 @@ class ShuffleNetV2(Classifier):
     """ShuffleNet V2 for 32x32 images, widths (116, 232, 464), as in RepDistiller."""
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, widths=(116, 232, 464), blocks=(4, 8, 4)):
-        super().__init__()
+        super().__init__(dropout)
         self.stem = conv_bn(in_channels, 24)
         self.stages = nn.ModuleList()
         previous = 24
@@ -433,17 +400,7 @@ class ShuffleNetV2(Classifier):
                 previous = width
             self.stages.append(nn.Sequential(*layers))
         self.final = conv_bn(previous, 1024)
-        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(1024, num_classes)
-
-    def forward_features(self, x):
-        x = self.stem(x)
-        stages = []
-        for stage in self.stages:
-            x = stage(x)
-            stages.append(x)
-        pooled = nn.functional.adaptive_avg_pool2d(self.final(x), 1).flatten(1)
-        return {"stages": stages, "pooled": pooled, "logits": self.head(self.dropout(pooled))}
 
 
 # Models that the benchmark recipe trains with a lower learning rate (0.01)
@@ -451,6 +408,15 @@ LIGHTWEIGHT = {"mobilenetv2", "shufflenetv1", "shufflenetv2"}
 
 register("shufflenetv1")(lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV1(num_classes, in_channels, dropout))
 register("shufflenetv2")(lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV2(num_classes, in_channels, dropout))
+
+
+def probabilities(model, images, tta=False):
+    """Softmax of the model's logits, in float32; with tta, averaged with the
+    softmax of the mirrored images (test-time flip)."""
+    probs = model(images).float().softmax(1)
+    if tta:
+        probs = (probs + model(images.flip(-1)).float().softmax(1)) / 2
+    return probs
 
 
 def cpu_speed(model, in_channels, image_size):

@@ -97,10 +97,7 @@ def read_image(path, size, channels):
 def predict(model, images, checkpoint, device):
     """Class probabilities for a uint8 batch, with the checkpoint's normalisation and TTA."""
     batch = data.normalize(images.to(device), checkpoint["mean"], checkpoint["std"])
-    probs = model(batch).float().softmax(1)
-    if checkpoint.get("tta"):
-        probs = (probs + model(batch.flip(-1)).float().softmax(1)) / 2
-    return probs.cpu()
+    return models.probabilities(model, batch, checkpoint.get("tta", False)).cpu()
 
 
 def classify(items, model, checkpoint, device, batch_size):
@@ -147,10 +144,7 @@ def main(argv=None):
         config.fail("top-k", f"must be >= 1 (got {cfg['top_k']})", PROG)
     if cfg["batch_size"] < 1:
         config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
-    if cfg["DEVICE"] == "cuda" and not torch.cuda.is_available():
-        config.fail("device", "cuda was asked for but torch sees no CUDA device; use --device cpu", PROG)
-    device = torch.device("cuda" if cfg["DEVICE"] == "cuda" or (cfg["DEVICE"] == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = config.device(cfg["DEVICE"], PROG)
     default_path = Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt"
     model, checkpoint = load_model(cfg["checkpoint"] or default_path, cfg["checkpoint"] is None, cfg["DATASET"], device)
     classes = checkpoint["classes"]

@@ -46,9 +46,7 @@ def evaluate(model, images, labels, mean, std, batch_size=1024, tta=False, autoc
     for start in range(0, len(labels), batch_size):
         batch = data.normalize(images[start:start + batch_size], mean, std, channels_last)
         with autocast():
-            probs = model(batch).float().softmax(1)
-            if tta:
-                probs += model(batch.flip(-1)).float().softmax(1)
+            probs = models.probabilities(model, batch, tta)
         correct += (probs.argmax(1) == labels[start:start + batch_size]).sum()
     model.train(was_training)
     return correct.item() / max(1, len(labels))
@@ -105,10 +103,10 @@ def restore_rng_states(states, generator):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-# Settings that a resumed stage must share with the run that started it.
-RESUME_KEYS = ("DATASET", "IMAGE_SIZE", "VAL_SIZE", "TEACHER", "STUDENT", "METHOD", "EPOCHS", "BATCH_SIZE",
-               "OPTIMIZER", "LR", "STUDENT_LR", "LR_SCHEDULE", "LR_MILESTONES", "MOMENTUM", "WEIGHT_DECAY", "WARMUP", "LABEL_SMOOTHING", "DROPOUT",
-               "CROP_PADDING", "FLIP", "TEMPERATURE", "ALPHA", "SEED")
+# Settings that may change between a run and its resumption: where things are,
+# what runs, and how fast. Every other setting must be the same.
+RUNTIME_KEYS = {"DATA_DIR", "DOWNLOAD", "OUT_DIR", "STAGES", "FRESH", "RESUME", "DEVICE", "AMP", "CHANNELS_LAST",
+                "COMPILE", "THREADS", "DETERMINISTIC", "RECIPE"}
 
 
 def json_safe(cfg):
@@ -286,14 +284,6 @@ def results_table(rows):
     return "\n".join(lines) + "\n"
 
 
-def pick_device(choice):
-    if choice == "cuda" and not torch.cuda.is_available():
-        config.fail("device", "cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def check_writable(folder):
     """Fail now, not after an hour of training, if outputs cannot be written."""
     try:
@@ -322,7 +312,7 @@ def load_unfinished(out_dir, stage, cfg):
     except Exception as error:
         raise TrainingError(f"{path}: cannot read it ({str(error).splitlines()[0][:200]}); delete it or pass --fresh",
                             exit_code=2) from None
-    changed = [k for k in RESUME_KEYS if state["config"].get(k) != json_safe(cfg)[k]]
+    changed = [k for k, v in json_safe(cfg).items() if k not in RUNTIME_KEYS and state["config"].get(k) != v]
     if changed:
         was = " ".join(f"--{config.flag(k)} {','.join(map(str, v)) if isinstance(v, list) else v}"
                        for k, v in state["config"].items() if k in changed)
@@ -355,7 +345,7 @@ def main(argv=None):
             cfg["STUDENT_LR"] = 0.01
         if cfg["DKD_BETA"] == config.DKD_BETA:
             cfg["DKD_BETA"] = distill.DKD_PAPER_BETA.get((cfg["TEACHER"], cfg["STUDENT"]), cfg["DKD_BETA"])
-    device = pick_device(cfg["DEVICE"])
+    device = config.device(cfg["DEVICE"])
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
     out_dir = Path(cfg["OUT_DIR"]) / cfg["DATASET"]

@@ -81,13 +81,29 @@ BAD_CONFIGS = [
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--dkd-beta", "-1"], "--dkd-beta"),
     (["--image-size", "4"], "--image-size"),
-    (["--resume", "--fresh"], "--resume"),
     (["--fitnet-weight", "x"], "--fitnet-weight"),
 ]
 
 
 @pytest.mark.parametrize("args,flag", BAD_CONFIGS, ids=[" ".join(a) for a, _ in BAD_CONFIGS])
-def test_bad_configuration_is_one_line_naming_the_flag(tmp_path, args, flag):
+def test_bad_configuration_is_one_line_naming_the_flag(capsys, args, flag):
+    """The parser and checks train.py uses, called in-process: exit 2, one line naming the flag."""
+    import config
+    import data
+    import distill
+
+    choices = {"DATASET": data.DATASETS, "TEACHER": models.MODELS, "STUDENT": models.MODELS,
+               "METHOD": distill.METHODS, "OPTIMIZER": distill.OPTIMIZERS}
+    with pytest.raises(SystemExit) as stop:
+        config.parse(args, choices=choices)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], lines
+
+
+@pytest.mark.parametrize("args,flag", [(["--lr", "-1"], "--lr"), (["--teacher", "resnet9000"], "--teacher"),
+                                       (["--bogus-flag", "1"], "--bogus-flag"), (["--resume", "--fresh"], "--resume")])
+def test_bad_configuration_through_train_py_stops_before_any_work(tmp_path, args, flag):
     result = run_script("train.py", "--data-dir", tmp_path, "--out-dir", tmp_path / "out", *args)
     assert_one_line_error(result, flag, code=2)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pt"))
@@ -130,3 +146,34 @@ def test_every_method_trains_through_train_py(method_setup, method):
     # the student's checkpoint holds the student alone: no adapter, no teacher
     student_keys = set(models.build("airnet_xs", 10, 3).state_dict())
     assert set(checkpoint["state_dict"]) == student_keys
+
+
+def test_paper_recipe_sets_the_benchmark_settings_and_explicit_flags_win(tmp_path):
+    write_cifar10(tmp_path / "data", per_class_train=3, per_class_test=1)
+    result = run_script("train.py", "--recipe", "paper", "--dataset", "cifar10", "--data-dir", tmp_path / "data",
+                        "--out-dir", tmp_path / "out", "--teacher", "airnet_xs", "--student", "mobilenetv2",
+                        "--stages", "student", "--epochs", "1", "--batch-size", "16", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    used = models.load_checkpoint(tmp_path / "out" / "cifar10" / "student.pt")["config"]
+    assert (used["OPTIMIZER"], used["LR"], used["MOMENTUM"], used["WEIGHT_DECAY"]) == ("sgd", 0.05, 0.9, 5e-4)
+    assert used["LR_SCHEDULE"] == "step" and used["LR_MILESTONES"] == [0.625, 0.75, 0.875]
+    assert used["STUDENT_LR"] == 0.01  # MobileNetV2 and ShuffleNet students train at 0.01
+    assert used["VAL_SIZE"] == 0 and used["TTA"] is False and used["ALPHA"] == 0.9 and used["TEMPERATURE"] == 4.0
+    assert used["EPOCHS"] == [1, 1, 1] and used["BATCH_SIZE"] == 16  # typed flags win over the recipe
+
+
+def test_step_schedule_drops_tenfold_at_each_milestone():
+    import distill
+
+    multiplier = distill.lr_multiplier(100, 0.0, "step", (0.5, 0.75))
+    assert [multiplier(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    linear = distill.lr_multiplier(100, 0.1, "linear")
+    assert linear(0) == pytest.approx(0.1) and linear(9) == pytest.approx(1.0) and linear(99) == pytest.approx(1 / 90)
+
+
+def test_a_typed_lr_alone_sets_every_stage():
+    import config
+
+    assert config.parse([])["STUDENT_LR"] == config.STUDENT_LR
+    assert config.parse(["--lr", "0.1"])["STUDENT_LR"] == 0.0  # 0: the students use LR too
+    assert config.parse(["--lr", "0.1", "--student-lr", "0.2"])["STUDENT_LR"] == 0.2
