@@ -70,8 +70,8 @@ class Method(nn.Module):
 
     Constructed from the config, the two networks and `sample`, a small batch
     of training images with which feature methods size their adapters.
-    `progress` (0 at the start of training, 1 at the end) is set each epoch,
-    for methods that warm up."""
+    `progress`, the fraction of training done at the end of the current epoch
+    (1/epochs in the first, 1 in the last), is set each epoch, for methods that warm up."""
 
     def __init__(self, config, student, teacher, sample=None):
         super().__init__()
@@ -147,7 +147,8 @@ def dkd_parts(student_logits, teacher_logits, labels, temperature):
 @register("dkd")
 class DKD(Method):
     """loss = CE + warm-up * (DKD_ALPHA * TCKD + DKD_BETA * NCKD); the
-    distillation term ramps up linearly over the first DKD_WARMUP of training."""
+    distillation term ramps up linearly, epoch by epoch, over the first
+    DKD_WARMUP of training (the paper's min(epoch / 20, 1) for 240 epochs)."""
 
     def __init__(self, config, student, teacher, sample=None):
         super().__init__(config, student, teacher, sample)

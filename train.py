@@ -184,7 +184,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, resume=None)
         partial = {k: v.to(device) if torch.is_tensor(v) else v for k, v in partial.items()}
         epoch_start = time.perf_counter()
         objective.train()
-        objective.set_progress((epoch - 1) / epochs)
+        objective.set_progress(epoch / epochs)  # the fraction of training done when this epoch ends
         for images, labels in data.train_batches(dataset, partial["order"], cfg["BATCH_SIZE"], cfg["CROP_PADDING"],
                                                  cfg["FLIP"], generator, cfg["CHANNELS_LAST"], start=step):
             with autocast():

@@ -161,3 +161,21 @@ def test_methods_give_finite_loss_and_gradients_across_architectures(method, stu
     if method == "fitnet":
         assert adapters and any(p.grad.abs().sum() > 0 for p in adapters)
     assert all(p.grad is None for p in objective.teacher.parameters())
+
+
+def test_fitnet_loss_matches_a_direct_computation():
+    torch.manual_seed(0)
+    student, teacher = models.build("airnet_xs", 10, 3), models.build("airnet_s", 10, 3)
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    method = distill.build_method("fitnet", METHOD_CONFIG, student, teacher, images[:2])
+    method.train()
+    s_out, t_out = student.forward_features(images), teacher.forward_features(images)
+    hint, target = s_out["stages"][1], t_out["stages"][1]  # the middle of three stages
+    conv, norm = method.adapter[0], method.adapter[1]
+    projected = torch.einsum("oc,nchw->nohw", conv.weight[:, :, 0, 0], hint)
+    mean = projected.mean(dim=(0, 2, 3), keepdim=True)
+    var = projected.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    normalised = (projected - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    expected = F.cross_entropy(s_out["logits"], labels) + 100.0 * ((normalised - target) ** 2).mean()
+    got = method.loss(s_out, t_out, labels)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
