@@ -419,6 +419,16 @@ def probabilities(model, images, tta=False):
     return probs
 
 
+def _median_seconds(run, repeats):
+    """Median wall time of `repeats` calls of `run`: robust to the odd slow call."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def cpu_speed(model, in_channels, image_size):
     """Inference speed on the CPU in float32, whatever device trained the model:
     median latency at batch 1 (ms) and throughput at batch 256 (images/s)."""
@@ -428,19 +438,10 @@ def cpu_speed(model, in_channels, image_size):
     with torch.no_grad():
         for _ in range(5):
             model(single)
-        times = []
-        for _ in range(30):
-            start = time.perf_counter()
-            model(single)
-            times.append(time.perf_counter() - start)
-        latency_ms = sorted(times)[len(times) // 2] * 1000
+        latency_ms = _median_seconds(lambda: model(single), 30) * 1000
         model(batch)
-        runs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            model(batch)
-            runs.append(time.perf_counter() - start)
-    return latency_ms, 256 / sorted(runs)[1]
+        throughput = 256 / _median_seconds(lambda: model(batch), 3)
+    return latency_ms, throughput
 
 
 def checkpoint_model(checkpoint):
