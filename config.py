@@ -43,6 +43,7 @@ DKD_ALPHA = 1.0  # dkd: weight of the target-class term (TCKD)
 DKD_BETA = 8.0  # dkd: weight of the non-target term (NCKD); the paper tunes it per pair
 DKD_WARMUP = 0.1  # dkd: fraction of training over which its distillation term ramps up (paper: 20 of 240 epochs)
 LSKD_TEMPERATURE = 2.0  # lskd: temperature applied to the standardised logits
+LSKD_WEIGHT = 9.0  # lskd: weight of its distillation term (the paper's 9); CE keeps 1 - ALPHA
 FITNET_WEIGHT = 100.0  # fitnet: weight of the hint regression (MSE) term
 AT_WEIGHT = 1000.0  # at: weight of the attention-transfer term
 
@@ -123,7 +124,7 @@ _RULES = {  # constant -> check(value) returning an error or None
     "LR": _positive, "MOMENTUM": _fraction, "WEIGHT_DECAY": _non_negative, "WARMUP": _fraction,
     "LABEL_SMOOTHING": _fraction, "DROPOUT": _fraction, "CROP_PADDING": _non_negative,
     "TEMPERATURE": _positive, "DKD_ALPHA": _non_negative, "DKD_BETA": _non_negative, "DKD_WARMUP": _unit,
-    "LSKD_TEMPERATURE": _positive, "FITNET_WEIGHT": _non_negative, "AT_WEIGHT": _non_negative, "ALPHA": _unit, "SEED": _non_negative,
+    "LSKD_TEMPERATURE": _positive, "LSKD_WEIGHT": _non_negative, "FITNET_WEIGHT": _non_negative, "AT_WEIGHT": _non_negative, "ALPHA": _unit, "SEED": _non_negative,
     "STUDENT_LR": _non_negative, "LR_SCHEDULE": _choice("linear", "step"), "LR_MILESTONES": _milestones,
     "RECIPE": lambda v: None if v in RECIPES else f"must be one of {', '.join(RECIPES)}",
     "DEVICE": _choice("auto", "cpu", "cuda"), "AMP": _choice("auto", "bf16", "off"), "THREADS": _non_negative,

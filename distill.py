@@ -93,7 +93,7 @@ class KD(Method):
 
     def __init__(self, config, student, teacher, sample=None):
         super().__init__(config, student, teacher, sample)
-        self.alpha = config["ALPHA"]
+        self.ce_weight, self.soft_weight = 1 - config["ALPHA"], config["ALPHA"]
         self.temperature = config["TEMPERATURE"]
 
     def soft_targets_loss(self, student_logits, teacher_logits):
@@ -102,7 +102,7 @@ class KD(Method):
     def loss(self, student_out, teacher_out, labels):
         hard = self.cross_entropy(student_out["logits"], labels)
         soft = self.soft_targets_loss(student_out["logits"], teacher_out["logits"])
-        return (1 - self.alpha) * hard + self.alpha * soft
+        return self.ce_weight * hard + self.soft_weight * soft
 
 
 def standardize(logits, eps=1e-7):
@@ -116,11 +116,13 @@ class LSKD(KD):
     """KD on standardised logits (Sun et al., CVPR 2024, "Logit standardization
     in knowledge distillation"): both networks' logits are z-scored before the
     temperature, so that the student matches the teacher's logit relations
-    rather than their scale. Uses LSKD_TEMPERATURE and ALPHA."""
+    rather than their scale. CE keeps its weight 1 - ALPHA; the distillation
+    term gets LSKD_WEIGHT (the paper's 9, not ALPHA: the KL of standardised
+    logits is small, so the paper weighs it ten times more than plain KD)."""
 
     def __init__(self, config, student, teacher, sample=None):
         super().__init__(config, student, teacher, sample)
-        self.temperature = config["LSKD_TEMPERATURE"]
+        self.temperature, self.soft_weight = config["LSKD_TEMPERATURE"], config["LSKD_WEIGHT"]
 
     def soft_targets_loss(self, student_logits, teacher_logits):
         return kd_loss(standardize(student_logits), standardize(teacher_logits), self.temperature)

@@ -85,7 +85,7 @@ def test_unknown_method_names_the_choices():
 
 
 METHOD_CONFIG = {**CONFIG, "DKD_ALPHA": 1.0, "DKD_BETA": 8.0, "DKD_WARMUP": 0.0, "LSKD_TEMPERATURE": 2.0,
-                 "FITNET_WEIGHT": 100.0, "AT_WEIGHT": 1000.0}
+                 "LSKD_WEIGHT": 9.0, "FITNET_WEIGHT": 100.0, "AT_WEIGHT": 1000.0}
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -127,7 +127,7 @@ def test_lskd_is_kd_on_z_scored_logits_and_ignores_logit_scale():
     method = distill.LSKD(METHOD_CONFIG, None, None)
     student, teacher, labels = torch.randn(3, 6), torch.randn(3, 6), torch.tensor([0, 1, 2])
     z = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
-    expected = 0.25 * F.cross_entropy(student, labels) + 0.75 * distill.kd_loss(z(student), z(teacher), 2.0)
+    expected = 0.25 * F.cross_entropy(student, labels) + 9.0 * distill.kd_loss(z(student), z(teacher), 2.0)
     assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(expected.item(), rel=1e-5)
     soft = method.soft_targets_loss(student, teacher)
     assert method.soft_targets_loss(student, teacher * 10 + 3).item() == pytest.approx(soft.item(), rel=1e-4)
