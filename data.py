@@ -17,6 +17,7 @@ Sources:
 Decoded image trees are cached (see `load_image_tree`).
 """
 
+import functools
 import gzip
 import hashlib
 import io
@@ -450,10 +451,17 @@ def channel_stats(images):
     return tuple(means), tuple(stds)
 
 
+@functools.lru_cache(maxsize=16)
+def _stats_on(mean, std, device):
+    """Per-channel mean and std in uint8 units as tensors on `device`, made once:
+    building them per batch would copy from the host, a sync on a GPU every step."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+
+
 def normalize(images, mean, std, channels_last=True):
     """uint8 (N, C, H, W) -> float32 normalised, channels_last by default."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    mean, std = _stats_on(tuple(mean), tuple(std), images.device)
     out = (images.float() - mean) / std
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 

@@ -47,11 +47,9 @@ class FrozenTeacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward_features(self, images):
-        return self.model.forward_features(images)
-
     def forward(self, images):
-        return self.forward_features(images)["logits"]
+        """The teacher's outputs: the dict of models.Classifier.forward_features."""
+        return self.model.forward_features(images)
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
@@ -71,12 +69,17 @@ class Method(nn.Module):
     Constructed from the config, the two networks and `sample`, a small batch
     of training images with which feature methods size their adapters.
     `progress`, the fraction of training done at the end of the current epoch
-    (1/epochs in the first, 1 in the last), is set each epoch, for methods that warm up."""
+    (1/epochs in the first, 1 in the last), is set each epoch, for methods that
+    warm up. It is a 0-d tensor, not a float, so that torch.compile does not
+    recompile the loss when it changes."""
 
     def __init__(self, config, student, teacher, sample=None):
         super().__init__()
         self.label_smoothing = config["LABEL_SMOOTHING"]
-        self.progress = 0.0
+        self.register_buffer("progress", torch.zeros(()), persistent=False)
+
+    def set_progress(self, progress):
+        self.progress.fill_(progress)
 
     def cross_entropy(self, logits, labels):
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -159,7 +162,7 @@ class DKD(Method):
 
     def loss(self, student_out, teacher_out, labels):
         tckd, nckd = dkd_parts(student_out["logits"], teacher_out["logits"], labels, self.temperature)
-        ramp = min(1.0, self.progress / self.warmup) if self.warmup > 0 else 1.0
+        ramp = (self.progress / self.warmup).clamp(max=1.0) if self.warmup > 0 else 1.0
         return self.cross_entropy(student_out["logits"], labels) + ramp * (self.alpha * tckd + self.beta * nckd)
 
 
@@ -255,10 +258,10 @@ class Distillation(nn.Module):
         self.method = method
 
     def set_progress(self, progress):
-        self.method.progress = progress
+        self.method.set_progress(progress)
 
     def forward(self, images, labels):
-        teacher_out = self.teacher.forward_features(images)
+        teacher_out = self.teacher(images)
         student_out = self.model.forward_features(images)
         return self.method.loss(student_out, teacher_out, labels), student_out["logits"]
 

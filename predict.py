@@ -121,8 +121,8 @@ def confusion_summary(labels, predicted, classes):
     """Overall accuracy and, per class, its accuracy and the class it is most often mistaken for."""
     n = len(classes)
     matrix = torch.zeros(n, n, dtype=torch.int64)
-    matrix.index_put_((torch.tensor(labels), torch.tensor(predicted)), torch.ones(len(labels), dtype=torch.int64),
-                      accumulate=True)
+    matrix.index_put_((torch.tensor(labels, dtype=torch.int64), torch.tensor(predicted, dtype=torch.int64)),
+                      torch.ones(len(labels), dtype=torch.int64), accumulate=True)
     lines = [f"accuracy {matrix.diag().sum().item() / max(1, len(labels)):.2%} on {len(labels)} images",
              f"{'class':>16} {'images':>7} {'accuracy':>9}  most often mistaken for"]
     for c in range(n):

@@ -190,6 +190,15 @@ def test_evaluate_reports_accuracy_equal_to_direct_computation(trained):
         assert name in result.stdout
 
 
+def test_evaluate_where_no_image_decodes_reports_each_file_and_no_accuracy(trained, tmp_path):
+    checkpoint, _ = trained
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    (tmp_path / "tree" / "cat" / "note.jpg").write_text("not a picture")
+    result = predict(checkpoint, tmp_path / "tree", "--evaluate")
+    assert_one_line_error(result, "note.jpg", code=1)
+    assert "accuracy 0.00% on 0 images" in result.stdout
+
+
 def test_evaluate_with_foreign_folder_names_says_so(trained, tmp_path, good):
     checkpoint, _ = trained
     (tmp_path / "tree" / "zebra").mkdir(parents=True)
