@@ -70,7 +70,8 @@ RECIPES = {
     "paper": {"DATASET": "cifar100", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4", "VAL_SIZE": 0,
               "EPOCHS": (240, 240, 240), "BATCH_SIZE": 64, "OPTIMIZER": "sgd", "LR": 0.05, "STUDENT_LR": 0.0, "MOMENTUM": 0.9,
               "WEIGHT_DECAY": 5e-4, "LR_SCHEDULE": "step", "LR_MILESTONES": (0.625, 0.75, 0.875), "WARMUP": 0.0,
-              "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9},
+              "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9,
+              "DKD_WARMUP": 20 / 240},
 }
 
 # ---------------------------------------------------------------------------
@@ -185,18 +186,20 @@ def flag(name):
     return name.lower().replace("_", "-")
 
 
-def parse(argv=None, description=None, names=None, choices=None, extra=None):
+def parse(argv=None, description=None, names=None, choices=None, extra=None, derived=None):
     """Parse the command line into a dict of constants, validated.
 
     names: the constants this program takes (all by default). choices: extra
     allowed-name checks, e.g. {"TEACHER": models.MODELS}. extra: a function
     that adds program-specific arguments to the parser; their values come back
-    under their lowercase dest names.
+    under their lowercase dest names. derived: a function of the parsed
+    values that returns further defaults (a recipe's per-model settings, say);
+    like a recipe, they never replace a value the user typed.
     """
     values = defaults()
     names = list(values) if names is None else names
     comments = _comments()
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for name in names:
         default = values[name]
         help_text = comments.get(name, "")
@@ -215,9 +218,9 @@ def parse(argv=None, description=None, names=None, choices=None, extra=None):
     typed = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
     was_typed = lambda name: bool(typed & {f"--{flag(name)}", f"--no-{flag(name)}"})  # noqa: E731
     if "RECIPE" in names:  # a recipe replaces defaults, not what the user typed
-        for name, value in RECIPES.get(args["RECIPE"], {}).items():
-            if not was_typed(name):
-                args[name] = value
+        args.update({k: v for k, v in RECIPES.get(args["RECIPE"], {}).items() if not was_typed(k)})
+    if derived:
+        args.update({k: v for k, v in derived(args).items() if not was_typed(k)})
     if "STUDENT_LR" in names and was_typed("LR") and not was_typed("STUDENT_LR"):
         args["STUDENT_LR"] = 0.0  # a typed --lr alone sets the rate of every stage
     for name in names:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models
+
 METHODS = {}  # name -> class(config, student, teacher, sample), see Method
 
 
@@ -269,6 +271,17 @@ class Distillation(nn.Module):
 # DKD's beta for the standard CIFAR-100 pairs, from the DKD paper's released configurations
 DKD_PAPER_BETA = {("resnet32x4", "resnet8x4"): 8.0, ("wrn_40_2", "wrn_16_2"): 6.0, ("resnet56", "resnet20"): 2.0,
                   ("resnet110", "resnet32"): 2.0, ("vgg13", "vgg8"): 6.0}
+
+
+def paper_pair_settings(cfg):
+    """The paper recipe's settings that depend on the networks: lr 0.01 for
+    MobileNet and ShuffleNet students, and DKD's beta for the pair."""
+    if cfg["RECIPE"] != "paper":
+        return {}
+    settings = {"DKD_BETA": DKD_PAPER_BETA.get((cfg["TEACHER"], cfg["STUDENT"]), cfg["DKD_BETA"])}
+    if cfg["STUDENT"] in models.LIGHTWEIGHT:
+        settings["STUDENT_LR"] = 0.01
+    return settings
 
 
 def build_method(name, config, student, teacher, sample=None):

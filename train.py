@@ -337,14 +337,10 @@ def make_deterministic():
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0],
                        choices={"DATASET": data.DATASETS, "TEACHER": models.MODELS, "STUDENT": models.MODELS,
-                                "METHOD": distill.METHODS, "OPTIMIZER": distill.OPTIMIZERS})
+                                "METHOD": distill.METHODS, "OPTIMIZER": distill.OPTIMIZERS},
+                       derived=distill.paper_pair_settings)
     if cfg["RESUME"] and cfg["FRESH"]:
         config.fail("resume", "--resume continues unfinished stages and --fresh starts them over; pick one")
-    if cfg["RECIPE"] == "paper":  # the benchmark's per-student and per-pair settings
-        if not cfg["STUDENT_LR"] and cfg["STUDENT"] in models.LIGHTWEIGHT:
-            cfg["STUDENT_LR"] = 0.01
-        if cfg["DKD_BETA"] == config.DKD_BETA:
-            cfg["DKD_BETA"] = distill.DKD_PAPER_BETA.get((cfg["TEACHER"], cfg["STUDENT"]), cfg["DKD_BETA"])
     device = config.device(cfg["DEVICE"])
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])

@@ -117,7 +117,8 @@ def test_help_lists_every_constant_with_its_default():
     text = " ".join(result.stdout.split())
     for name in config.defaults():
         assert f"--{name.lower().replace('_', '-')}" in text
-    assert "default: 0.9" in text  # ALPHA
+    alpha_help = text.split("--alpha FLOAT ")[1].split(" --")[0]
+    assert "weight of the distillation term" in alpha_help and "(default: 0.9)" in alpha_help
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,24 @@ def test_a_typed_lr_alone_sets_every_stage():
     assert config.parse([])["STUDENT_LR"] == config.STUDENT_LR
     assert config.parse(["--lr", "0.1"])["STUDENT_LR"] == 0.0  # 0: the students use LR too
     assert config.parse(["--lr", "0.1", "--student-lr", "0.2"])["STUDENT_LR"] == 0.2
+
+
+def test_paper_recipe_pair_settings_never_replace_typed_values():
+    import config
+    import distill
+
+    def parse(*args):
+        return config.parse(["--recipe", "paper", *args], derived=distill.paper_pair_settings)
+
+    assert parse("--teacher", "wrn_40_2", "--student", "wrn_16_2")["DKD_BETA"] == 6.0  # the DKD paper's beta
+    assert parse("--teacher", "wrn_40_2", "--student", "wrn_16_2", "--dkd-beta", "8")["DKD_BETA"] == 8.0
+    assert parse("--student", "shufflenetv2")["STUDENT_LR"] == 0.01
+    assert parse("--student", "shufflenetv2", "--lr", "0.02")["STUDENT_LR"] == 0.0  # a typed --lr sets every stage
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    import config
+
+    with pytest.raises(SystemExit) as stop:
+        config.parse(["--batch", "16"])
+    assert stop.value.code == 2 and "--batch" in capsys.readouterr().err
