@@ -9,6 +9,8 @@ Each stage writes OUT_DIR/<dataset>/<stage>.pt (checkpoint) and <stage>.jsonl
 (one JSON line per epoch); the run ends with results.md and results.json.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -37,7 +39,8 @@ def save_text(path, text):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, mean, std, batch_size=1024, tta=False, autocast=None, channels_last=True):
+def evaluate(model, images, labels, mean, std, batch_size=1024, tta=False, autocast=contextlib.nullcontext,
+             channels_last=True):
     """Top-1 accuracy of `model` on uint8 images. With tta, the softmax of each
     image and of its mirror are averaged. One host sync, at the end."""
     was_training = model.training
@@ -50,6 +53,11 @@ def evaluate(model, images, labels, mean, std, batch_size=1024, tta=False, autoc
         correct += (probs.argmax(1) == labels[start:start + batch_size]).sum()
     model.train(was_training)
     return correct.item() / max(1, len(labels))
+
+
+def percent(fraction):
+    """A fraction as a percentage, or 'n/a' when there is none (no validation split)."""
+    return "n/a" if fraction is None else f"{fraction:.2%}"
 
 
 def stage_path(out_dir, stage, suffix=".pt"):
@@ -67,11 +75,12 @@ class TrainingError(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped training after a step; progress is saved."""
+    """SIGINT or SIGTERM stopped training after a step. `saved` says whether
+    the progress was saved (it is not when the loss had already diverged)."""
 
-    def __init__(self, signum):
+    def __init__(self, signum, saved=True):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.saved = signum, saved
 
 
 STOP = {"signal": None}  # set by the signal handler, read by the training loop after every step
@@ -121,13 +130,15 @@ def trainable_state(objective):
 
 # ---------------------------------------------------------------- one stage
 
-def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, resume=None):
+def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None, resume=None):
     """Train one network (teacher, student, or distilled student) and save it.
 
     The same loop serves every stage: only the objective differs (cross-entropy,
     or a distillation method against the frozen teacher). After every epoch,
     and when a signal asks to stop, the whole training state goes to
-    <stage>.last.pt, from which `resume` (that file's contents) continues."""
+    <stage>.last.pt, from which `resume` (that file's contents) continues.
+    `teacher_digest` identifies the teacher's checkpoint, so that a distilled
+    run is never resumed against another teacher."""
     epochs = cfg["EPOCHS"][STAGES.index(stage)]
     model_name = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
     torch.manual_seed(cfg["SEED"])
@@ -167,7 +178,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, resume=None)
           + (f"; resuming at epoch {epoch}, step {step}" if resume is not None else ""))
 
     def save_progress(next_epoch, next_step, partial):
-        state = {"stage": stage, "config": json_safe(cfg), "epoch": next_epoch, "step": next_step,
+        state = {"stage": stage, "config": json_safe(cfg), "device": device.type, "teacher": teacher_digest,
+                 "epoch": next_epoch, "step": next_step,
                  "trainable": trainable_state(objective), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "log": log,
                  "elapsed": elapsed + time.perf_counter() - started, "best": best, "partial": partial}
@@ -202,11 +214,12 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, resume=None)
             step += 1
             bar.update()
             if STOP["signal"] is not None and step < steps:
-                if int(partial["first_bad"]) < 0:  # never save a diverged state over a good one
+                healthy = int(partial["first_bad"]) < 0  # never save a diverged state over a good one
+                if healthy:
                     partial["seconds"] += time.perf_counter() - epoch_start
                     save_progress(epoch, step, partial)
                 bar.close()
-                raise Interrupted(STOP["signal"])
+                raise Interrupted(STOP["signal"], saved=healthy)
         first_bad = int(partial["first_bad"])
         if first_bad >= 0:
             bar.close()
@@ -215,16 +228,16 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, resume=None)
                                 + (f"; the last good epoch is kept in {last_path}" if last_path.exists() else ""))
         train_loss = partial["loss_sum"].item() / steps
         val_acc = (evaluate(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std, tta=cfg["TTA"],
-                            autocast=autocast, channels_last=cfg["CHANNELS_LAST"]) if len(dataset.val_y) else float("nan"))
+                            autocast=autocast, channels_last=cfg["CHANNELS_LAST"]) if len(dataset.val_y) else None)
         record = {"epoch": epoch, "loss": round(train_loss, 5), "train_acc": round(partial["correct"].item() / partial["seen"], 5),
-                  "val_acc": round(val_acc, 5), "lr": scheduler.get_last_lr()[0],
+                  "val_acc": None if val_acc is None else round(val_acc, 5), "lr": scheduler.get_last_lr()[0],
                   "seconds": round(partial["seconds"] + time.perf_counter() - epoch_start, 2)}
         log.append(record)
         save_text(stage_path(out_dir, stage, ".jsonl"), "".join(json.dumps(r) + "\n" for r in log))
-        if not len(dataset.val_y) or val_acc > best["acc"]:  # without a validation split, keep the last epoch
+        if val_acc is None or val_acc > best["acc"]:  # without a validation split, keep the last epoch
             best = {"acc": val_acc, "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         bar.write(f"{stage} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  train {record['train_acc']:.2%}  "
-                  f"val {val_acc:.2%}  lr {record['lr']:.2e}  {record['seconds']:.1f}s")
+                  f"val {percent(val_acc)}  lr {record['lr']:.2e}  {record['seconds']:.1f}s")
         epoch, step = epoch + 1, 0
         save_progress(epoch, step, {})
         if STOP["signal"] is not None:
@@ -250,7 +263,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, resume=None)
                   "state_dict": best["state"], "config": json_safe(cfg), "metrics": metrics}
     data.atomic_write(stage_path(out_dir, stage), lambda p: torch.save(checkpoint, p))
     last_path.unlink(missing_ok=True)
-    print(f"{stage}: test accuracy {test_acc:.2%} (best epoch {best['epoch']}, val {best['acc']:.2%}), "
+    print(f"{stage}: test accuracy {test_acc:.2%} (best epoch {best['epoch']}, val {percent(best['acc'])}), "
           f"{train_seconds:.0f}s, saved {stage_path(out_dir, stage)}")
     return model, metrics
 
@@ -272,7 +285,23 @@ def load_finished(out_dir, stage, expected_model, dataset):
     if checkpoint["model"] != expected_model or checkpoint["classes"] != dataset.classes:
         raise TrainingError(f"{path} holds a {checkpoint['model']} trained on other classes or another model than "
                             f"{expected_model}; pass --fresh to retrain it, or another --out-dir")
+    if "metrics" not in checkpoint:
+        raise TrainingError(f"{path} is not a finished stage of train.py (no metrics); pass --fresh to retrain it")
     return checkpoint
+
+
+def teacher_model(checkpoint, path):
+    """The network of a saved teacher, or a one-line error when its weights do
+    not fit the model of that name (a checkpoint from an older version, say)."""
+    try:
+        return models.checkpoint_model(checkpoint)
+    except ValueError as error:
+        raise TrainingError(f"{path}: {error}; pass --fresh to retrain the teacher") from None
+
+
+def file_digest(path):
+    """A short content hash of a file, to tell one checkpoint from another."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def results_table(rows):
@@ -295,7 +324,7 @@ def check_writable(folder):
         config.fail("out-dir", f"cannot write to {folder} ({error.strerror}); choose a writable --out-dir")
 
 
-def load_unfinished(out_dir, stage, cfg):
+def load_unfinished(out_dir, stage, cfg, device):
     """The saved progress of an unfinished stage (its .last.pt), or None.
 
     It is used only with --resume, and must come from the same settings; with
@@ -314,11 +343,20 @@ def load_unfinished(out_dir, stage, cfg):
                             exit_code=2) from None
     changed = [k for k, v in json_safe(cfg).items() if k not in RUNTIME_KEYS and state["config"].get(k) != v]
     if changed:
-        was = " ".join(f"--{config.flag(k)} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                       for k, v in state["config"].items() if k in changed)
+        was = " ".join(as_flag(k, v) for k, v in state["config"].items() if k in changed)
         raise TrainingError(f"{path} was started with other settings ({was}); resume with those, or pass --fresh",
                             exit_code=2)
+    if state.get("device", device.type) != device.type:  # the data generator's state belongs to its device
+        raise TrainingError(f"{path} was started on {state['device']}; resume it with --device {state['device']}, "
+                            f"or pass --fresh", exit_code=2)
     return state
+
+
+def as_flag(name, value):
+    """A setting as the user would type it."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{config.flag(name)}"
+    return f"--{config.flag(name)} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def resume_command():
@@ -374,7 +412,7 @@ def main(argv=None):
         print("distilled needs a teacher and none is saved: training the teacher first")
         requested.insert(0, "teacher")
     todo = [stage for stage in requested if stage not in finished]
-    unfinished = {stage: load_unfinished(out_dir, stage, cfg) for stage in todo}
+    unfinished = {stage: load_unfinished(out_dir, stage, cfg, device) for stage in todo}
 
     results = {stage: checkpoint["metrics"] for stage, checkpoint in finished.items()}
     for stage in requested:
@@ -383,12 +421,18 @@ def main(argv=None):
                   f"skipping it (--fresh retrains)")
     teacher = None
     for stage in todo:
-        if stage == "distilled" and teacher is None:
-            teacher = models.checkpoint_model(finished["teacher"])
+        digest = None
+        if stage == "distilled":
+            if teacher is None:  # not trained in this run: load the saved one
+                teacher = teacher_model(finished["teacher"], stage_path(out_dir, "teacher"))
+            digest = file_digest(stage_path(out_dir, "teacher"))
+            if unfinished[stage] is not None and unfinished[stage].get("teacher") != digest:
+                raise TrainingError(f"{stage_path(out_dir, stage, '.last.pt')} was distilled from another teacher.pt; "
+                                    f"pass --fresh to start the distilled stage over", exit_code=2)
         try:
             model, results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
                                                 teacher=teacher if stage == "distilled" else None,
-                                                resume=unfinished[stage])
+                                                teacher_digest=digest, resume=unfinished[stage])
         except torch.OutOfMemoryError:
             raise TrainingError(f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; "
                                 f"try a smaller --batch-size") from None
@@ -408,9 +452,14 @@ if __name__ == "__main__":
     try:
         main()
     except Interrupted as stop:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by {stop}; progress is saved. "
-                         f"Continue with: {resume_command()}\n")
+        saved = ("progress is saved. Continue with: " + resume_command() if stop.saved
+                 else "the loss had diverged, so the last good checkpoint was kept; lower --lr, then resume or pass --fresh")
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by {stop}; {saved}\n")
         sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:  # a second signal: stop at once; the last .last.pt is from the end of an epoch or earlier
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped at once by a second signal; continue from the last saved "
+                         f"progress with: {resume_command()}\n")
+        sys.exit(128 + (STOP["signal"] or signal.SIGINT))
     except (data.DataError, TrainingError) as error:
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {error}\n")
         sys.exit(getattr(error, "exit_code", 1))

@@ -37,10 +37,23 @@ def wait_for(path, process, timeout=120):
         time.sleep(0.01)
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path):
-    reference = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path / "ref", *SLOW)
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory):
+    """The weights of an uninterrupted deterministic run on the same tiny data."""
+    root = tmp_path_factory.mktemp("reference")
+    write_cifar10(root / "data", per_class_train=8, per_class_test=2)
+    reference = run_script("train.py", "--data-dir", root / "data", "--out-dir", root / "out", *SLOW)
     assert reference.returncode == 0, reference.stderr[-2000:]
+    return models.load_checkpoint(root / "out" / "cifar10" / "teacher.pt")["state_dict"]
 
+
+def assert_same_weights(expected, path):
+    got = models.load_checkpoint(path)["state_dict"]
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ"
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_weights):
     out = tmp_path / "killed"
     process = start(tiny_cifar, out)
     wait_for(out / "cifar10" / "teacher.last.pt", process)
@@ -57,16 +70,13 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at epoch" in resumed.stdout
     assert not (out / "cifar10" / "teacher.last.pt").exists()
-    expected = models.load_checkpoint(tmp_path / "ref" / "cifar10" / "teacher.pt")["state_dict"]
-    got = models.load_checkpoint(out / "cifar10" / "teacher.pt")["state_dict"]
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ"
+    assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
     log = (out / "cifar10" / "teacher.jsonl").read_text().splitlines()
     assert len(log) == 12
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, signum, code):
+def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, reference_weights, signum, code):
     out = tmp_path / "out"
     process = start(tiny_cifar, out)
     wait_for(out / "cifar10" / "teacher.last.pt", process)
@@ -79,6 +89,8 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, sig
     resumed = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert models.load_checkpoint(out / "cifar10" / "teacher.pt")["metrics"]["epochs"] == 12
+    # usually stopped mid-epoch: the saved order, running sums and generator state carry the run on exactly
+    assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
 
 
 def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
@@ -89,6 +101,41 @@ def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
     process.wait()
     result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume", "--lr", "0.01")
     assert_one_line_error(result, "other settings", "--lr", code=2)
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume", "--no-flip")
+    assert_one_line_error(result, "other settings", "--flip", code=2)
+
+    last = out / "cifar10" / "teacher.last.pt"
+    state = torch.load(last, weights_only=True)
+    torch.save({**state, "device": "cuda"}, last)  # as if started on a GPU machine
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
+    assert_one_line_error(result, "started on cuda", "--device cuda", code=2)
+
+
+def test_distilled_run_is_not_resumed_against_another_teacher(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    teacher = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--epochs", "1")
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    process = start(tiny_cifar, out, "--stages", "distilled")
+    wait_for(out / "cifar10" / "distilled.last.pt", process)
+    process.kill()
+    process.wait()
+    retrained = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--epochs", "1", "--fresh",
+                           "--seed", "1")
+    assert retrained.returncode == 0, retrained.stderr[-2000:]
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--stages", "distilled", "--resume")
+    assert_one_line_error(result, "another teacher", "--fresh", code=2)
+
+
+def test_teacher_whose_weights_do_not_fit_its_model_is_one_line(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    teacher = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--epochs", "1")
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    path = out / "cifar10" / "teacher.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "state_dict": models.build("airnet_s", 10, 3).state_dict()}, path)  # an older layout
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *FAST, "--stages", "distilled",
+                        "--teacher", "airnet_xs")
+    assert_one_line_error(result, "teacher.pt", "--fresh", code=1)
 
 
 def test_non_finite_loss_stops_with_epoch_step_and_fix(tiny_cifar, tmp_path):

@@ -199,3 +199,20 @@ def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as stop:
         config.parse(["--batch", "16"])
     assert stop.value.code == 2 and "--batch" in capsys.readouterr().err
+
+
+def test_without_a_validation_split_the_last_epoch_is_kept_and_logs_are_strict_json(tmp_path):
+    write_cifar10(tmp_path / "data", per_class_train=4, per_class_test=1)
+    result = run_script("train.py", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", *FAST,
+                        "--stages", "teacher", "--val-size", "0", "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "val n/a" in result.stdout
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    folder = tmp_path / "out" / "cifar10"
+    log = [json.loads(line, parse_constant=refuse) for line in (folder / "teacher.jsonl").read_text().splitlines()]
+    results = json.loads((folder / "results.json").read_text(), parse_constant=refuse)
+    assert [r["val_acc"] for r in log] == [None, None]
+    assert results["teacher"]["best_val_acc"] is None and results["teacher"]["best_epoch"] == 2
