@@ -99,9 +99,10 @@ class AirNet(Classifier):
     behind the CIFAR-10 speed records (Keller Jordan's airbench), which trains
     to good accuracy in few epochs; `widths` sets the three stage widths.
 
-    The stem is a frozen 2x2 convolution that whitens image patches: its
-    filters are the eigenvectors of the patch covariance of training images
-    (set by init_from_data), with both signs, followed by ReLU. It gives the
+    The stem is a 2x2 convolution with fixed filters (only its bias trains)
+    that whitens image patches: the filters are the eigenvectors of the patch
+    covariance of training images (set by init_from_data), with both signs,
+    followed by ReLU. It gives the
     network a good first layer from the first step, and it costs less than a
     learned stem with batch norm at full resolution.
     """

@@ -24,9 +24,14 @@ def test_default_student_is_at_most_a_tenth_of_the_teacher():
 
 
 @pytest.mark.parametrize("name", [config.TEACHER, config.STUDENT])
-def test_default_models_use_dropout(name):
-    model = models.build(name, 10, 3, dropout=0.3)
-    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.modules())
+def test_default_models_apply_dropout_in_training_only(name):
+    x = torch.randn(8, 3, 32, 32)
+    model = models.build(name, 10, 3, dropout=0.5).train()
+    assert not torch.equal(model(x), model(x))  # a new mask on each call
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    plain = models.build(name, 10, 3, dropout=0.0).train()
+    assert torch.equal(plain(x), plain(x))  # so the difference above came from dropout alone
 
 
 def test_unknown_model_names_the_choices():
