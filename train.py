@@ -341,9 +341,11 @@ def load_unfinished(out_dir, stage, cfg, device):
     except Exception as error:
         raise TrainingError(f"{path}: cannot read it ({str(error).splitlines()[0][:200]}); delete it or pass --fresh",
                             exit_code=2) from None
-    changed = [k for k, v in json_safe(cfg).items() if k not in RUNTIME_KEYS and state["config"].get(k) != v]
+    # a setting that the file does not know (added to config.py since) counts as its default
+    was = {**json_safe(config.defaults()), **state["config"]}
+    changed = [k for k, v in json_safe(cfg).items() if k not in RUNTIME_KEYS and was.get(k) != v]
     if changed:
-        was = " ".join(as_flag(k, v) for k, v in state["config"].items() if k in changed)
+        was = " ".join(as_flag(k, was[k]) for k in changed)
         raise TrainingError(f"{path} was started with other settings ({was}); resume with those, or pass --fresh",
                             exit_code=2)
     if state.get("device", device.type) != device.type:  # the data generator's state belongs to its device
@@ -419,25 +421,24 @@ def main(argv=None):
         if stage in finished:
             print(f"{stage}: {stage_path(out_dir, stage)} exists (test accuracy {results[stage]['test_acc']:.2%}); "
                   f"skipping it (--fresh retrains)")
-    teacher = None
+    teacher = digest = None
+    if "distilled" in todo and "teacher" in finished:  # check the saved teacher now, not after the other stages
+        teacher = teacher_model(finished["teacher"], stage_path(out_dir, "teacher"))
+        digest = file_digest(stage_path(out_dir, "teacher"))
+    if unfinished.get("distilled") is not None and unfinished["distilled"].get("teacher", digest) != digest:
+        raise TrainingError(f"{stage_path(out_dir, 'distilled', '.last.pt')} was distilled from another teacher.pt "
+                            f"than the one there is now; pass --fresh to start the distilled stage over", exit_code=2)
     for stage in todo:
-        digest = None
-        if stage == "distilled":
-            if teacher is None:  # not trained in this run: load the saved one
-                teacher = teacher_model(finished["teacher"], stage_path(out_dir, "teacher"))
-            digest = file_digest(stage_path(out_dir, "teacher"))
-            if unfinished[stage] is not None and unfinished[stage].get("teacher") != digest:
-                raise TrainingError(f"{stage_path(out_dir, stage, '.last.pt')} was distilled from another teacher.pt; "
-                                    f"pass --fresh to start the distilled stage over", exit_code=2)
         try:
             model, results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
                                                 teacher=teacher if stage == "distilled" else None,
-                                                teacher_digest=digest, resume=unfinished[stage])
+                                                teacher_digest=digest if stage == "distilled" else None,
+                                                resume=unfinished[stage])
         except torch.OutOfMemoryError:
             raise TrainingError(f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; "
                                 f"try a smaller --batch-size") from None
         if stage == "teacher":
-            teacher = model
+            teacher, digest = model, file_digest(stage_path(out_dir, "teacher"))
 
     rows = {stage: results[stage] for stage in STAGES if stage in results}
     table = results_table(rows)
@@ -453,7 +454,8 @@ if __name__ == "__main__":
         main()
     except Interrupted as stop:
         saved = ("progress is saved. Continue with: " + resume_command() if stop.saved
-                 else "the loss had diverged, so the last good checkpoint was kept; lower --lr, then resume or pass --fresh")
+                 else "the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
+                      "--fresh and a lower --lr")
         sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by {stop}; {saved}\n")
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:  # a second signal: stop at once; the last .last.pt is from the end of an epoch or earlier

@@ -110,6 +110,25 @@ def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
     result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
     assert_one_line_error(result, "started on cuda", "--device cuda", code=2)
 
+    # a file from before the device, the teacher digest and LSKD_WEIGHT were recorded still resumes
+    old = {k: v for k, v in state.items() if k not in ("device", "teacher")}
+    old["config"] = {k: v for k, v in state["config"].items() if k != "LSKD_WEIGHT"}
+    torch.save(old, last)
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_signals_sent_back_to_back_stop_without_a_traceback(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    process = start(tiny_cifar, out)
+    wait_for(out / "cifar10" / "teacher.last.pt", process)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)  # whatever was saved is intact
+
 
 def test_distilled_run_is_not_resumed_against_another_teacher(tiny_cifar, tmp_path):
     out = tmp_path / "out"
