@@ -99,19 +99,21 @@ class AirNet(Classifier):
     behind the CIFAR-10 speed records (Keller Jordan's airbench), which trains
     to good accuracy in few epochs; `widths` sets the three stage widths.
 
-    The stem is a 2x2 convolution with fixed filters (only its bias trains)
-    that whitens image patches: the filters are the eigenvectors of the patch
-    covariance of training images (set by init_from_data), with both signs,
-    followed by ReLU. It gives the
-    network a good first layer from the first step, and it costs less than a
-    learned stem with batch norm at full resolution.
+    The stem is a fixed 2x2 convolution that whitens image patches: its
+    filters are the eigenvectors of the patch covariance of training images
+    (set by init_from_data), with both signs, followed by ReLU; the two signs
+    keep the whitened patch whole. It gives the network a good first layer
+    from the first step and costs less than a learned stem with batch norm at
+    full resolution. Nothing in it trains (airbench trains its bias for the
+    first epochs), so no gradient flows back through its full-resolution
+    output, the largest tensor of the net: the backward pass skips the stem
+    and the input gradient of the first convolution.
     """
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, widths=(64, 256, 256)):
         super().__init__(dropout)
         previous = 8 * in_channels  # 4 * in_channels eigenvectors of the 2x2 patches, both signs
-        self.whiten = nn.Conv2d(in_channels, previous, 2, bias=True)
-        self.whiten.weight.requires_grad_(False)
+        self.whiten = nn.Conv2d(in_channels, previous, 2, bias=False).requires_grad_(False)
         self.stages = nn.ModuleList()
         for width in widths:
             self.stages.append(nn.Sequential(conv_bn_act(previous, width, pool=True), conv_bn_act(width, width)))
@@ -127,10 +129,9 @@ class AirNet(Classifier):
         filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).float()
         filters = filters.view(-1, *self.whiten.weight.shape[1:])
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
-        self.whiten.bias.zero_()
 
     def stem(self, x):  # a method, so that the whitening layer keeps its own name in checkpoints
-        return nn.functional.relu(self.whiten(x))
+        return nn.functional.relu(self.whiten(x), inplace=True)
 
 
 AIRNET_WIDTHS = {  # name -> widths of the three stages
