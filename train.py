@@ -224,7 +224,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
         if first_bad >= 0:
             bar.close()
             raise TrainingError(f"{stage}: the loss became non-finite in epoch {epoch}, step {first_bad + 1} of {steps}; "
-                                f"lower --lr (now {lr}) or turn off mixed precision with --amp off"
+                                f"start it over with --fresh and a lower --lr (now {lr}), or turn off mixed precision "
+                                f"with --amp off"
                                 + (f"; the last good epoch is kept in {last_path}" if last_path.exists() else ""))
         train_loss = partial["loss_sum"].item() / steps
         val_acc = (evaluate(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std, tta=cfg["TTA"],
