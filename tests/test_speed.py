@@ -40,6 +40,7 @@ def test_bench_quick_writes_its_figures(tmp_path):
     assert set(figures["rows"]) == {"teacher training", "student training", "distilled training",
                                     "teacher inference", "student inference"}
     for row in figures["rows"].values():
-        for key in ("ours", "conventional", "ratio", "flops_per_image", "gflops_per_second"):
+        for key in ("ours", "conventional", "ratio", "flops_per_image", "gflops_per_second", "at_peak", "at_peak_ratio"):
             assert row[key] > 0, (key, row)
+    assert figures["peak_gflops_per_second"] > 0
     assert "ours / conventional" in result.stdout
