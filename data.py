@@ -467,10 +467,11 @@ def normalize(images, mean, std, channels_last=True):
 
 
 def augment(images, padding, flip, generator):
-    """Random crop with zero padding and random horizontal flip, for a whole batch.
+    """Random crop with zero padding and horizontal flip, for a whole batch.
 
     Each image gets its own offset in [0, 2 * padding] along each axis, taken
-    with one gather, and its own coin for the flip."""
+    with one gather. flip: True gives each image its own coin; a bool tensor
+    (one per image) says which to flip; False flips none."""
     n, _, height, width = images.shape
     device = images.device
     if padding > 0:
@@ -482,21 +483,33 @@ def augment(images, padding, flip, generator):
         batch = torch.arange(n, device=device)[:, None, None, None]
         channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
         images = padded[batch, channel, rows, cols]
-    if flip:
-        coin = torch.rand(n, device=device, generator=generator) < 0.5
-        images = torch.where(coin[:, None, None, None], images.flip(-1), images)
+    if flip is True:
+        flip = torch.rand(n, device=device, generator=generator) < 0.5
+    if torch.is_tensor(flip):
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     return images
+
+
+def alternating_flips(n, epoch, seed, device):
+    """Which of n training images to flip in `epoch` (counted from 1) under
+    alternating flip (airbench): a fixed random half in odd epochs, the other
+    half in even ones. Every two epochs each image is seen both ways, where
+    fresh coins leave a quarter of them unflipped (or flipped) twice running.
+    Drawn from `seed` alone, so a resumed run flips the same images."""
+    half = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return (half ^ (epoch % 2 == 0)).to(device)
 
 
 def train_batches(data, order, batch_size, padding, flip, generator, channels_last=True, start=0):
     """Augmented, normalised batches of one epoch, in the given `order` (a
     permutation of the training set), from step `start` on; the last partial
     batch is dropped. Augmentation draws from `generator`, so a run that
-    restores the generator and the order continues exactly."""
+    restores the generator and the order continues exactly. flip: as in
+    augment, with a tensor holding one entry per training image."""
     batch_size = min(batch_size, len(order))
     for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
         index = order[first:first + batch_size]
-        images = augment(data.train_x[index], padding, flip, generator)
+        images = augment(data.train_x[index], padding, flip[index] if torch.is_tensor(flip) else flip, generator)
         yield normalize(images, data.mean, data.std, channels_last), data.train_y[index]
 
 

@@ -197,8 +197,10 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
         epoch_start = time.perf_counter()
         objective.train()
         objective.set_progress(epoch / epochs)  # the fraction of training done when this epoch ends
+        flip = (data.alternating_flips(len(dataset.train_y), epoch, cfg["SEED"], device)
+                if cfg["FLIP"] and cfg["ALTERNATE_FLIP"] else cfg["FLIP"])
         for images, labels in data.train_batches(dataset, partial["order"], cfg["BATCH_SIZE"], cfg["CROP_PADDING"],
-                                                 cfg["FLIP"], generator, cfg["CHANNELS_LAST"], start=step):
+                                                 flip, generator, cfg["CHANNELS_LAST"], start=step):
             with autocast():
                 loss, logits = step_fn(images, labels)
             optimizer.zero_grad(set_to_none=True)

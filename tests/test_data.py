@@ -164,6 +164,29 @@ def test_augment_keeps_shape_and_labels_and_flips_really_flip():
     assert flipped_any
 
 
+def test_alternating_flip_flips_each_image_every_other_epoch():
+    first, second, third = (data.alternating_flips(1000, epoch, seed=3, device="cpu") for epoch in (1, 2, 3))
+    assert torch.equal(second, ~first) and torch.equal(third, first)  # each image both ways every two epochs
+    assert 400 < int(first.sum()) < 600  # a random half, not a pattern
+    assert torch.equal(first, data.alternating_flips(1000, 1, seed=3, device="cpu"))  # the seed alone decides
+    assert not torch.equal(first, data.alternating_flips(1000, 1, seed=4, device="cpu"))
+
+
+def test_train_batches_flip_exactly_the_images_they_are_told_to():
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(6)
+    dataset = data.Data(images, labels, images[:0], labels[:0], images[:0], labels[:0], [str(i) for i in range(6)],
+                        (0.0,) * 3, (1 / 255,) * 3, "test")
+    flips = torch.tensor([True, False, True, True, False, False])
+    order = torch.tensor([4, 0, 5, 2, 1, 3])
+    batches = list(data.train_batches(dataset, order, 3, 0, flips, torch.Generator(), channels_last=False))
+    for batch, batch_labels in batches:
+        for image, label in zip(batch, batch_labels):
+            expected = images[label].flip(-1) if flips[label] else images[label]
+            assert torch.equal(image, expected.float()), int(label)
+    assert torch.equal(torch.cat([b[1] for b in batches]), order)
+
+
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
     images = torch.randint(1, 255, (16, 3, 8, 8), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(1)
