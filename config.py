@@ -21,7 +21,7 @@ METHOD = "kd"  # distillation method, a name from distill.METHODS
 # optimisation
 RECIPE = "fast"  # fast (the constants below) | paper (the CIFAR-100 benchmark recipe; explicit flags still win)
 EPOCHS = (8, 5, 5)  # epochs of the teacher, student and distilled stages (one number sets all three)
-BATCH_SIZE = 128  # images per step
+BATCH_SIZE = 128  # images per step (in all, under torchrun)
 OPTIMIZER = "adamw"  # adamw | sgd (Nesterov momentum; try --lr 0.1 --weight-decay 5e-4)
 LR = 4e-3  # peak learning rate (of the teacher stage)
 STUDENT_LR = 8e-3  # peak learning rate of the student and distilled stages (0: LR; a typed --lr alone sets both)

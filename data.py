@@ -500,17 +500,23 @@ def alternating_flips(n, epoch, seed, device):
     return (half ^ (epoch % 2 == 0)).to(device)
 
 
-def train_batches(data, order, batch_size, padding, flip, generator, channels_last=True, start=0):
+def train_batches(data, order, batch_size, padding, flip, generator, channels_last=True, start=0, part=(0, 1)):
     """Augmented, normalised batches of one epoch, in the given `order` (a
     permutation of the training set), from step `start` on; the last partial
     batch is dropped. Augmentation draws from `generator`, so a run that
     restores the generator and the order continues exactly. flip: as in
-    augment, with a tensor holding one entry per training image."""
+    augment, with a tensor holding one entry per training image.
+
+    part = (rank, world): in a job of `world` processes, this one gets every
+    world-th image of each batch, from the rank-th on. Every process draws
+    the augmentation of the whole batch, so their generators stay in step and
+    the parts together are exactly the batch that one process would train on."""
+    rank, world = part
     batch_size = min(batch_size, len(order))
     for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
         index = order[first:first + batch_size]
         images = augment(data.train_x[index], padding, flip[index] if torch.is_tensor(flip) else flip, generator)
-        yield normalize(images, data.mean, data.std, channels_last), data.train_y[index]
+        yield normalize(images[rank::world], data.mean, data.std, channels_last), data.train_y[index][rank::world]
 
 
 def steps_per_epoch(data, batch_size):

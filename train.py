@@ -4,6 +4,7 @@ frozen teacher; then compare the three.
     python3 train.py                       # all three stages, defaults from config.py
     python3 train.py --stages distilled --method kd --temperature 2
     python3 train.py --help                # every constant of config.py as a flag
+    torchrun --nproc-per-node 8 train.py   # one process per GPU (or --nnodes, for several machines)
 
 Each stage writes OUT_DIR/<dataset>/<stage>.pt (checkpoint) and <stage>.jsonl
 (one JSON line per epoch); the run ends with results.md and results.json.
@@ -128,9 +129,61 @@ def trainable_state(objective):
     return {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")}
 
 
+# ---------------------------------------------------------------- several processes (torchrun)
+
+def join_job(device):
+    """(rank, world size, device) of this process in the torchrun job that
+    started it, or (0, 1, device) when it runs alone. Each process of a job
+    trains on its own part of every batch (data.train_batches) and DDP averages
+    the gradients, so BATCH_SIZE and LR mean the same whatever the number of
+    processes; rank 0 alone evaluates, prints and writes files."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         device_id=device if device.type == "cuda" else None)
+    return torch.distributed.get_rank(), world, device
+
+
+@contextlib.contextmanager
+def rank_zero_first(rank, world):
+    """Rank 0 runs the block (a download, a cache to build) before the others."""
+    if rank > 0:
+        torch.distributed.barrier()
+    yield
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+
+
+def sum_over_processes(partial, world):
+    """An epoch's running sums over every process of the job, in place; the
+    first non-finite step is the latest any process saw."""
+    if world == 1:
+        return
+    partial["seen"] = torch.tensor(partial["seen"], device=partial["correct"].device)
+    for key, op in (("loss_sum", "SUM"), ("correct", "SUM"), ("seen", "SUM"), ("first_bad", "MAX")):
+        torch.distributed.all_reduce(partial[key], getattr(torch.distributed.ReduceOp, op))
+    partial["loss_sum"] /= world
+    partial["seen"] = int(partial["seen"])
+
+
+def agreed_stop(world, device):
+    """The signal that asked to stop, as every process of the job hears it: a
+    signal may reach the processes at different steps, so they agree at the
+    end of each epoch."""
+    if world == 1:
+        return STOP["signal"]
+    flag = torch.tensor(STOP["signal"] or 0, device=device)
+    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+    return int(flag) or None
+
+
 # ---------------------------------------------------------------- one stage
 
-def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None, resume=None):
+def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None, resume=None, part=(0, 1)):
     """Train one network (teacher, student, or distilled student) and save it.
 
     The same loop serves every stage: only the objective differs (cross-entropy,
@@ -138,7 +191,10 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     and when a signal asks to stop, the whole training state goes to
     <stage>.last.pt, from which `resume` (that file's contents) continues.
     `teacher_digest` identifies the teacher's checkpoint, so that a distilled
-    run is never resumed against another teacher."""
+    run is never resumed against another teacher. part = (rank, world): this
+    process in a torchrun job (see join_job); only rank 0 returns the model
+    and its metrics, the others return (None, None) once it has saved them."""
+    rank, world = part
     epochs = cfg["EPOCHS"][STAGES.index(stage)]
     model_name = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
     torch.manual_seed(cfg["SEED"])
@@ -159,7 +215,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, distill.lr_multiplier(
         epochs * steps, cfg["WARMUP"], cfg["LR_SCHEDULE"], cfg["LR_MILESTONES"]))
     autocast, amp_on = distill.autocast_for(device, cfg["AMP"])
-    step_fn = torch.compile(objective) if cfg["COMPILE"] else objective
+    trained = objective if world == 1 else torch.nn.parallel.DistributedDataParallel(objective)
+    step_fn = torch.compile(trained) if cfg["COMPILE"] else trained
     generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
     params = models.count_params(model)
     last_path = stage_path(out_dir, stage, ".last.pt")
@@ -178,6 +235,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
           + (f"; resuming at epoch {epoch}, step {step}" if resume is not None else ""))
 
     def save_progress(next_epoch, next_step, partial):
+        if rank > 0:
+            return
         state = {"stage": stage, "config": json_safe(cfg), "device": device.type, "teacher": teacher_digest,
                  "epoch": next_epoch, "step": next_step,
                  "trainable": trainable_state(objective), "optimizer": optimizer.state_dict(),
@@ -187,7 +246,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
 
     started = time.perf_counter()
     bar = tqdm(total=epochs * steps, initial=(epoch - 1) * steps + step, desc=stage, unit="step", dynamic_ncols=True,
-               leave=False, disable=None)  # no bar when stderr is not a terminal: logs keep the epoch lines
+               leave=False, disable=None if rank == 0 else True)  # none when stderr is not a terminal
     while epoch <= epochs:
         if step == 0:  # a new epoch: new order, fresh running sums
             partial = {"order": torch.randperm(len(dataset.train_y), device=device, generator=generator),
@@ -200,7 +259,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
         flip = (data.alternating_flips(len(dataset.train_y), epoch, cfg["SEED"], device)
                 if cfg["FLIP"] and cfg["ALTERNATE_FLIP"] else cfg["FLIP"])
         for images, labels in data.train_batches(dataset, partial["order"], cfg["BATCH_SIZE"], cfg["CROP_PADDING"],
-                                                 flip, generator, cfg["CHANNELS_LAST"], start=step):
+                                                 flip, generator, cfg["CHANNELS_LAST"], start=step, part=part):
             with autocast():
                 loss, logits = step_fn(images, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -215,13 +274,14 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
             partial["seen"] += len(labels)
             step += 1
             bar.update()
-            if STOP["signal"] is not None and step < steps:
+            if STOP["signal"] is not None and step < steps and world == 1:  # a job stops at the epoch's end
                 healthy = int(partial["first_bad"]) < 0  # never save a diverged state over a good one
                 if healthy:
                     partial["seconds"] += time.perf_counter() - epoch_start
                     save_progress(epoch, step, partial)
                 bar.close()
                 raise Interrupted(STOP["signal"], saved=healthy)
+        sum_over_processes(partial, world)
         first_bad = int(partial["first_bad"])
         if first_bad >= 0:
             bar.close()
@@ -231,23 +291,29 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
                                 + (f"; the last good epoch is kept in {last_path}" if last_path.exists() else ""))
         train_loss = partial["loss_sum"].item() / steps
         val_acc = (evaluate(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std, tta=cfg["TTA"],
-                            autocast=autocast, channels_last=cfg["CHANNELS_LAST"]) if len(dataset.val_y) else None)
+                            autocast=autocast, channels_last=cfg["CHANNELS_LAST"]) if len(dataset.val_y) and rank == 0
+                   else None)
         record = {"epoch": epoch, "loss": round(train_loss, 5), "train_acc": round(partial["correct"].item() / partial["seen"], 5),
                   "val_acc": None if val_acc is None else round(val_acc, 5), "lr": scheduler.get_last_lr()[0],
                   "seconds": round(partial["seconds"] + time.perf_counter() - epoch_start, 2)}
         log.append(record)
-        save_text(stage_path(out_dir, stage, ".jsonl"), "".join(json.dumps(r) + "\n" for r in log))
+        if rank == 0:
+            save_text(stage_path(out_dir, stage, ".jsonl"), "".join(json.dumps(r) + "\n" for r in log))
         if val_acc is None or val_acc > best["acc"]:  # without a validation split, keep the last epoch
             best = {"acc": val_acc, "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         bar.write(f"{stage} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  train {record['train_acc']:.2%}  "
                   f"val {percent(val_acc)}  lr {record['lr']:.2e}  {record['seconds']:.1f}s")
         epoch, step = epoch + 1, 0
         save_progress(epoch, step, {})
-        if STOP["signal"] is not None:
+        stop = agreed_stop(world, device)
+        if stop is not None:
             bar.close()
-            raise Interrupted(STOP["signal"])
+            raise Interrupted(stop)
     bar.close()
     train_seconds = elapsed + time.perf_counter() - started
+    if rank > 0:  # rank 0 tests, measures and saves the model; the others wait until it has
+        torch.distributed.barrier()
+        return None, None
 
     model.load_state_dict(best["state"])
     test_acc = evaluate(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std, tta=cfg["TTA"],
@@ -268,6 +334,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     last_path.unlink(missing_ok=True)
     print(f"{stage}: test accuracy {test_acc:.2%} (best epoch {best['epoch']}, val {percent(best['acc'])}), "
           f"{train_seconds:.0f}s, saved {stage_path(out_dir, stage)}")
+    if world > 1:
+        torch.distributed.barrier()
     return model, metrics
 
 
@@ -305,6 +373,12 @@ def teacher_model(checkpoint, path):
 def file_digest(path):
     """A short content hash of a file, to tell one checkpoint from another."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def saved_teacher(out_dir, checkpoint):
+    """The network of the teacher saved in out_dir, and the digest of its file."""
+    path = stage_path(out_dir, "teacher")
+    return teacher_model(checkpoint, path), file_digest(path)
 
 
 def results_table(rows):
@@ -366,7 +440,8 @@ def as_flag(name, value):
 
 def resume_command():
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
-    return shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
+    command = shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
+    return command + (" (through the same torchrun command)" if "WORLD_SIZE" in os.environ else "")
 
 
 def make_deterministic():
@@ -384,7 +459,9 @@ def main(argv=None):
                        derived=distill.paper_pair_settings)
     if cfg["RESUME"] and cfg["FRESH"]:
         config.fail("resume", "--resume continues unfinished stages and --fresh starts them over; pick one")
-    device = config.device(cfg["DEVICE"])
+    rank, world, device = join_job(config.device(cfg["DEVICE"]))
+    if rank > 0:  # one process of a torchrun job speaks for all
+        sys.stdout = open(os.devnull, "w")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
     out_dir = Path(cfg["OUT_DIR"]) / cfg["DATASET"]
@@ -399,8 +476,9 @@ def main(argv=None):
                                                                              and not cfg["DOWNLOAD"])):
         config.fail("data-dir", f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"
                     + ("" if cfg["DATASET"] == "folder" else " or allow --download"))
-    dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], cache_dirs=[out_dir], image_size=cfg["IMAGE_SIZE"],
-                        val_size=cfg["VAL_SIZE"], seed=cfg["SEED"], device=device, download=cfg["DOWNLOAD"])
+    with rank_zero_first(rank, world):
+        dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], cache_dirs=[out_dir], image_size=cfg["IMAGE_SIZE"],
+                            val_size=cfg["VAL_SIZE"], seed=cfg["SEED"], device=device, download=cfg["DOWNLOAD"])
     print(f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "
           f"{dataset.in_channels}x{dataset.image_size}x{dataset.image_size}, {len(dataset.train_y):,} train, "
           f"{len(dataset.val_y):,} val, {len(dataset.test_y):,} test")
@@ -426,23 +504,24 @@ def main(argv=None):
                   f"skipping it (--fresh retrains)")
     teacher = digest = None
     if "distilled" in todo and "teacher" in finished:  # check the saved teacher now, not after the other stages
-        teacher = teacher_model(finished["teacher"], stage_path(out_dir, "teacher"))
-        digest = file_digest(stage_path(out_dir, "teacher"))
+        teacher, digest = saved_teacher(out_dir, finished["teacher"])
     if unfinished.get("distilled") is not None and unfinished["distilled"].get("teacher", digest) != digest:
         raise TrainingError(f"{stage_path(out_dir, 'distilled', '.last.pt')} was distilled from another teacher.pt "
                             f"than the one there is now; pass --fresh to start the distilled stage over", exit_code=2)
     for stage in todo:
         try:
-            model, results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
-                                                teacher=teacher if stage == "distilled" else None,
-                                                teacher_digest=digest if stage == "distilled" else None,
-                                                resume=unfinished[stage])
+            _, results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
+                                            teacher=teacher if stage == "distilled" else None,
+                                            teacher_digest=digest if stage == "distilled" else None,
+                                            resume=unfinished[stage], part=(rank, world))
         except torch.OutOfMemoryError:
             raise TrainingError(f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; "
                                 f"try a smaller --batch-size") from None
-        if stage == "teacher":
-            teacher, digest = model, file_digest(stage_path(out_dir, "teacher"))
+        if stage == "teacher":  # distil from the teacher as saved (in a torchrun job, every process reads it)
+            teacher, digest = saved_teacher(out_dir, load_finished(out_dir, "teacher", cfg["TEACHER"], dataset))
 
+    if rank > 0:
+        return
     rows = {stage: results[stage] for stage in STAGES if stage in results}
     table = results_table(rows)
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}")
@@ -453,18 +532,24 @@ def main(argv=None):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    quiet = os.environ.get("RANK", "0") != "0"  # in a torchrun job, rank 0 tells the user how to go on
     try:
         main()
     except Interrupted as stop:
         saved = ("progress is saved. Continue with: " + resume_command() if stop.saved
                  else "the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
                       "--fresh and a lower --lr")
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by {stop}; {saved}\n")
+        if not quiet:
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by {stop}; {saved}\n")
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:  # a second signal: stop at once; the last .last.pt is from the end of an epoch or earlier
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped at once by a second signal; continue from the last saved "
-                         f"progress with: {resume_command()}\n")
+        if not quiet:
+            sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped at once by a second signal; continue from the last "
+                             f"saved progress with: {resume_command()}\n")
         sys.exit(128 + (STOP["signal"] or signal.SIGINT))
     except (data.DataError, TrainingError) as error:
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {error}\n")
         sys.exit(getattr(error, "exit_code", 1))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -187,6 +187,29 @@ def test_train_batches_flip_exactly_the_images_they_are_told_to():
     assert torch.equal(torch.cat([b[1] for b in batches]), order)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_parts_of_a_torchrun_job_make_up_exactly_the_single_process_batches(world):
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(40)
+    dataset = data.Data(images, labels, images[:0], labels[:0], images[:0], labels[:0], [str(i) for i in range(40)],
+                        (0.5,) * 3, (0.25,) * 3, "test")
+    order = torch.randperm(40)
+
+    def batches(part):
+        generator = torch.Generator().manual_seed(7)
+        out = list(data.train_batches(dataset, order, 12, 2, True, generator, part=part))
+        return out, generator.get_state()
+
+    whole, whole_state = batches((0, 1))
+    parts = [batches((rank, world)) for rank in range(world)]
+    for step, (batch, batch_labels) in enumerate(whole):
+        for rank, (part, state) in enumerate(parts):
+            assert torch.equal(part[step][0], batch[rank::world])
+            assert torch.equal(part[step][1], batch_labels[rank::world])
+            assert torch.equal(state, whole_state)  # every process's generator stays in step
+    assert sum(len(part[0][1]) for part, _ in parts) == len(whole[0][1])
+
+
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
     images = torch.randint(1, 255, (16, 3, 8, 8), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(1)
