@@ -91,7 +91,8 @@ def request_stop(signum, frame):
     if STOP["signal"] is not None:  # a second signal: stop now
         raise KeyboardInterrupt
     STOP["signal"] = signum
-    tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current step, then saving progress "
+    unit = "epoch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "step"  # a torchrun job stops between epochs
+    tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current {unit}, then saving progress "
                f"(send it again to stop at once)")
 
 
