@@ -46,7 +46,7 @@ DKD_WARMUP = 0.1  # dkd: fraction of training over which its distillation term r
 LSKD_TEMPERATURE = 2.0  # lskd: temperature applied to the standardised logits
 LSKD_WEIGHT = 9.0  # lskd: weight of its distillation term (the paper's 9); CE keeps 1 - ALPHA
 FITNET_WEIGHT = 100.0  # fitnet: weight of the hint regression (MSE) term
-AT_WEIGHT = 1000.0  # at: weight of the attention-transfer term
+AT_WEIGHT = 100.0  # at: weight of the attention-transfer term (paper recipe: 1000, set for maps of 32x32 to 8x8)
 
 # runtime
 SEED = 0  # seed of initialisation, data order, augmentation and the validation split
@@ -64,15 +64,15 @@ THREADS = 0  # CPU threads for torch (0: torch's default)
 # 0.9 and weight decay 5e-4, lr 0.05 (0.01 for MobileNetV2 and ShuffleNet
 # students, see models.LIGHTWEIGHT), divided by 10 at epochs 150, 180 and
 # 210 of 240, batch 64, T = 4, CE / KD weights 0.1 / 0.9, no label smoothing,
-# dropout or test-time flips, and the last epoch on the full training set
-# (DKD's beta per pair: distill.DKD_PAPER_BETA).
+# dropout or test-time flips, the last epoch on the full training set, DKD's
+# beta per pair (distill.DKD_PAPER_BETA) and AT's weight of 1000.
 RECIPES = {
     "fast": {},
     "paper": {"DATASET": "cifar100", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4", "VAL_SIZE": 0,
               "EPOCHS": (240, 240, 240), "BATCH_SIZE": 64, "OPTIMIZER": "sgd", "LR": 0.05, "STUDENT_LR": 0.0, "MOMENTUM": 0.9,
               "WEIGHT_DECAY": 5e-4, "LR_SCHEDULE": "step", "LR_MILESTONES": (0.625, 0.75, 0.875), "WARMUP": 0.0,
               "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9,
-              "DKD_WARMUP": 20 / 240},
+              "DKD_WARMUP": 20 / 240, "AT_WEIGHT": 1000.0},
 }
 
 # ---------------------------------------------------------------------------

@@ -160,6 +160,7 @@ def test_paper_recipe_sets_the_benchmark_settings_and_explicit_flags_win(tmp_pat
     assert used["LR_SCHEDULE"] == "step" and used["LR_MILESTONES"] == [0.625, 0.75, 0.875]
     assert used["STUDENT_LR"] == 0.01  # MobileNetV2 and ShuffleNet students train at 0.01
     assert used["VAL_SIZE"] == 0 and used["TTA"] is False and used["ALPHA"] == 0.9 and used["TEMPERATURE"] == 4.0
+    assert used["AT_WEIGHT"] == 1000.0
     assert used["EPOCHS"] == [1, 1, 1] and used["BATCH_SIZE"] == 16  # typed flags win over the recipe
 
 
