@@ -483,9 +483,9 @@ def augment(images, padding, flip, generator):
         batch = torch.arange(n, device=device)[:, None, None, None]
         channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
         images = padded[batch, channel, rows, cols]
-    if flip is True:
-        flip = torch.rand(n, device=device, generator=generator) < 0.5
-    if torch.is_tensor(flip):
+    if not torch.is_tensor(flip):
+        flip = torch.rand(n, device=device, generator=generator) < 0.5 if flip else None
+    if flip is not None:
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     return images
 

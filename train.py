@@ -11,6 +11,7 @@ Each stage writes OUT_DIR/<dataset>/<stage>.pt (checkpoint) and <stage>.jsonl
 """
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -144,31 +145,55 @@ def join_job(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # the others wait for rank 0 while it downloads or decodes the data: longer than NCCL's 10-minute default
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
                                          device_id=device if device.type == "cuda" else None)
     return torch.distributed.get_rank(), world, device
 
 
 @contextlib.contextmanager
-def rank_zero_first(rank, world):
-    """Rank 0 runs the block (a download, a cache to build) before the others."""
-    if rank > 0:
+def in_turns(rank, world):
+    """Run the block (a download, a cache to build) first on rank 0, then on
+    the first process of every other machine, then on the rest: each finds
+    the files the ones before it wrote, where they share a folder."""
+    if world == 1:
+        yield
+        return
+    turn = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 2
+    for _ in range(turn):
         torch.distributed.barrier()
     yield
-    if rank == 0 and world > 1:
+    for _ in range(2 - turn):
         torch.distributed.barrier()
 
 
 def sum_over_processes(partial, world):
     """An epoch's running sums over every process of the job, in place; the
-    first non-finite step is the latest any process saw."""
+    first non-finite step is the earliest any process saw (DDP spreads a
+    non-finite gradient to every process one step later)."""
     if world == 1:
         return
+    never = torch.iinfo(torch.int64).max
     partial["seen"] = torch.tensor(partial["seen"], device=partial["correct"].device)
-    for key, op in (("loss_sum", "SUM"), ("correct", "SUM"), ("seen", "SUM"), ("first_bad", "MAX")):
+    partial["first_bad"] = torch.where(partial["first_bad"] < 0, never, partial["first_bad"])
+    for key, op in (("loss_sum", "SUM"), ("correct", "SUM"), ("seen", "SUM"), ("first_bad", "MIN")):
         torch.distributed.all_reduce(partial[key], getattr(torch.distributed.ReduceOp, op))
+    partial["first_bad"] = torch.where(partial["first_bad"] == never, -1, partial["first_bad"])
     partial["loss_sum"] /= world
     partial["seen"] = int(partial["seen"])
+
+
+def check_replicas(model, world):
+    """Stop if the processes' copies of the trained weights differ: DDP keeps
+    them identical, so a difference means the job did not train one model."""
+    if world == 1:
+        return
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    totals = [torch.zeros_like(total) for _ in range(world)]
+    torch.distributed.all_gather(totals, total)
+    if any(t != totals[0] for t in totals):
+        raise TrainingError(f"the {world} processes ended with different weights ({[float(t) for t in totals]}); "
+                            f"this is a bug, please report it")
 
 
 def agreed_stop(world, device):
@@ -253,7 +278,13 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
             partial = {"order": torch.randperm(len(dataset.train_y), device=device, generator=generator),
                        "loss_sum": torch.zeros((), device=device), "first_bad": torch.full((), -1, device=device),
                        "correct": torch.zeros((), dtype=torch.int64, device=device), "seen": 0, "seconds": 0.0}
+            if world > 1:  # one order for the whole job, even where GPUs of another kind would draw another
+                torch.distributed.broadcast(partial["order"], 0)
+        elif rank > 0:  # a resumed epoch's running sums so far are counted once, by rank 0
+            partial.update(loss_sum=torch.zeros(()), correct=torch.zeros((), dtype=torch.int64), seen=0)
         partial = {k: v.to(device) if torch.is_tensor(v) else v for k, v in partial.items()}
+        if world > 1:  # each process its own dropout masks, the same again when the job resumes at this epoch
+            torch.manual_seed(cfg["SEED"] + 1000 * epoch + rank)
         epoch_start = time.perf_counter()
         objective.train()
         objective.set_progress(epoch / epochs)  # the fraction of training done when this epoch ends
@@ -296,11 +327,11 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
                    else None)
         record = {"epoch": epoch, "loss": round(train_loss, 5), "train_acc": round(partial["correct"].item() / partial["seen"], 5),
                   "val_acc": None if val_acc is None else round(val_acc, 5), "lr": scheduler.get_last_lr()[0],
-                  "seconds": round(partial["seconds"] + time.perf_counter() - epoch_start, 2)}
+                  "images": partial["seen"], "seconds": round(partial["seconds"] + time.perf_counter() - epoch_start, 2)}
         log.append(record)
         if rank == 0:
             save_text(stage_path(out_dir, stage, ".jsonl"), "".join(json.dumps(r) + "\n" for r in log))
-        if val_acc is None or val_acc > best["acc"]:  # without a validation split, keep the last epoch
+        if rank == 0 and (val_acc is None or val_acc > best["acc"]):  # without a validation split, the last epoch
             best = {"acc": val_acc, "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         bar.write(f"{stage} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  train {record['train_acc']:.2%}  "
                   f"val {percent(val_acc)}  lr {record['lr']:.2e}  {record['seconds']:.1f}s")
@@ -312,6 +343,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
             raise Interrupted(stop)
     bar.close()
     train_seconds = elapsed + time.perf_counter() - started
+    check_replicas(model, world)
     if rank > 0:  # rank 0 tests, measures and saves the model; the others wait until it has
         torch.distributed.barrier()
         return None, None
@@ -461,6 +493,9 @@ def main(argv=None):
     if cfg["RESUME"] and cfg["FRESH"]:
         config.fail("resume", "--resume continues unfinished stages and --fresh starts them over; pick one")
     rank, world, device = join_job(config.device(cfg["DEVICE"]))
+    if cfg["BATCH_SIZE"] % world:  # DDP averages the processes' gradients with equal weights
+        config.fail("batch-size", f"{cfg['BATCH_SIZE']} does not split evenly over the {world} processes of this "
+                    f"torchrun job; give a multiple of {world}")
     if rank > 0:  # one process of a torchrun job speaks for all
         sys.stdout = open(os.devnull, "w")
     if cfg["THREADS"]:
@@ -477,7 +512,7 @@ def main(argv=None):
                                                                              and not cfg["DOWNLOAD"])):
         config.fail("data-dir", f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"
                     + ("" if cfg["DATASET"] == "folder" else " or allow --download"))
-    with rank_zero_first(rank, world):
+    with in_turns(rank, world):
         dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], cache_dirs=[out_dir], image_size=cfg["IMAGE_SIZE"],
                             val_size=cfg["VAL_SIZE"], seed=cfg["SEED"], device=device, download=cfg["DOWNLOAD"])
     print(f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "

@@ -1,38 +1,75 @@
 """train.py under torchrun: several processes train one model, rank 0 writes."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 import models
 from conftest import FAST, ROOT, write_cifar10
 
-torch_distributed = pytest.importorskip("torch.distributed")
-pytestmark = pytest.mark.skipif(not torch_distributed.is_available() or not torch_distributed.is_gloo_available(),
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch was built without gloo")
 
 
+def torchrun_command(*args, processes=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            str(ROOT / "train.py"), *map(str, args)]
+
+
 def torchrun(*args, processes=2, timeout=600):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               str(ROOT / "train.py"), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    return subprocess.run(torchrun_command(*args, processes=processes), capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
 
 
-def test_two_processes_run_the_pipeline_and_write_once(tmp_path):
-    write_cifar10(tmp_path / "data", per_class_train=12, per_class_test=6)
-    out = tmp_path / "out"
-    result = torchrun("--data-dir", tmp_path / "data", "--out-dir", out, *FAST, "--epochs", "15,2,2")
+@pytest.fixture(scope="module")
+def easy_cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    write_cifar10(root / "data", per_class_train=12, per_class_test=6)  # 120 train images, 110 after validation
+    return root / "data"
+
+
+def test_two_processes_train_one_model_and_rank_zero_writes_once(easy_cifar, tmp_path):
+    result = torchrun("--data-dir", easy_cifar, "--out-dir", tmp_path, *FAST, "--epochs", "15,2,2")
+    # train.py checks at the end of each stage that both processes hold the same weights (one model, not two)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("results (cifar10") == 1  # rank 0 speaks for the job
-    assert result.stdout.count("== teacher:") == 1
-    folder = out / "cifar10"
+    assert result.stdout.count("results (cifar10") == 1 and result.stdout.count("== teacher:") == 1
+    folder = tmp_path / "cifar10"
     for stage, epochs in (("teacher", 15), ("student", 2), ("distilled", 2)):
         assert not (folder / f"{stage}.last.pt").exists()
         log = [json.loads(line) for line in (folder / f"{stage}.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in log] == list(range(1, epochs + 1))  # one writer, one line per epoch
-    results = json.loads((folder / "results.json").read_text())
-    assert set(results) == {"teacher", "student", "distilled"}
-    # gradients averaged over the two halves of each batch still train: the easy data is learnt
-    assert models.load_checkpoint(folder / "teacher.pt")["metrics"]["test_acc"] > 0.5
+        assert all(r["images"] == 6 * 16 for r in log)  # both halves of 6 batches of 16 are counted
+    assert set(json.loads((folder / "results.json").read_text())) == {"teacher", "student", "distilled"}
+    assert models.load_checkpoint(folder / "teacher.pt")["metrics"]["test_acc"] > 0.5  # the easy data is learnt
+
+
+def test_a_signal_stops_the_job_at_the_end_of_an_epoch_and_resume_goes_on(easy_cifar, tmp_path):
+    args = ["--data-dir", easy_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher", "--epochs", "40"]
+    log = tmp_path / "cifar10" / "teacher.jsonl"
+    job = subprocess.Popen(torchrun_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert "stopped by SIGTERM; progress is saved" in stderr, stderr[-3000:]
+    state = torch.load(tmp_path / "cifar10" / "teacher.last.pt", weights_only=True)
+    done = len(log.read_text().splitlines())
+    assert state["epoch"] == done + 1 and state["step"] == 0 and done < 40  # saved at the end of an epoch
+
+    result = torchrun(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming at epoch {done + 1}, step 0" in result.stdout
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == list(range(1, 41))
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(easy_cifar, tmp_path):
+    result = torchrun("--data-dir", easy_cifar, "--out-dir", tmp_path, *FAST, "--batch-size", "15")
+    assert result.returncode != 0
+    assert "argument --batch-size: 15 does not split evenly over the 2 processes" in result.stderr
+    assert "Traceback (most recent call last):\n  File \"" + str(ROOT / "train.py") not in result.stderr

@@ -21,7 +21,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
         model = models.checkpoint_model(checkpoint)
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
         log = [json.loads(line) for line in (folder / f"{stage}.jsonl").read_text().splitlines()]
-        assert len(log) == 1 and {"epoch", "loss", "train_acc", "val_acc", "lr", "seconds"} <= set(log[0])
+        assert len(log) == 1 and {"epoch", "loss", "train_acc", "val_acc", "lr", "images", "seconds"} <= set(log[0])
     results = json.loads((folder / "results.json").read_text())
     assert set(results) == {"teacher", "student", "distilled"}
     for row in results.values():
