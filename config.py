@@ -34,7 +34,7 @@ LABEL_SMOOTHING = 0.1  # label smoothing of every cross-entropy term
 DROPOUT = 0.1  # dropout before the classifier of both networks
 CROP_PADDING = 4  # random-crop padding in pixels (0 disables)
 FLIP = True  # random horizontal flips
-ALTERNATE_FLIP = False  # with FLIP: flip a fixed random half of the images in odd epochs, the other half in even ones
+ALTERNATE_FLIP = True  # with FLIP: flip a fixed random half of the images in odd epochs, the other half in even ones
 TTA = True  # evaluate on each image and its mirror, averaging the predictions
 
 # distillation
