@@ -92,7 +92,7 @@ def request_stop(signum, frame):
     if STOP["signal"] is not None:  # a second signal: stop now
         raise KeyboardInterrupt
     STOP["signal"] = signum
-    unit = "epoch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "step"  # a torchrun job stops between epochs
+    unit = "epoch" if job_size() > 1 else "step"  # a torchrun job stops between epochs
     tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current {unit}, then saving progress "
                f"(send it again to stop at once)")
 
@@ -133,13 +133,18 @@ def trainable_state(objective):
 
 # ---------------------------------------------------------------- several processes (torchrun)
 
+def job_size():
+    """The number of processes of the torchrun job this process belongs to (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join_job(device):
     """(rank, world size, device) of this process in the torchrun job that
     started it, or (0, 1, device) when it runs alone. Each process of a job
     trains on its own part of every batch (data.train_batches) and DDP averages
     the gradients, so BATCH_SIZE and LR mean the same whatever the number of
     processes; rank 0 alone evaluates, prints and writes files."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = job_size()
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
@@ -218,8 +223,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     <stage>.last.pt, from which `resume` (that file's contents) continues.
     `teacher_digest` identifies the teacher's checkpoint, so that a distilled
     run is never resumed against another teacher. part = (rank, world): this
-    process in a torchrun job (see join_job); only rank 0 returns the model
-    and its metrics, the others return (None, None) once it has saved them."""
+    process in a torchrun job (see join_job). Returns the stage's metrics on
+    rank 0, and None on the others once rank 0 has saved the checkpoint."""
     rank, world = part
     epochs = cfg["EPOCHS"][STAGES.index(stage)]
     model_name = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
@@ -346,7 +351,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     check_replicas(model, world)
     if rank > 0:  # rank 0 tests, measures and saves the model; the others wait until it has
         torch.distributed.barrier()
-        return None, None
+        return None
 
     model.load_state_dict(best["state"])
     test_acc = evaluate(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std, tta=cfg["TTA"],
@@ -369,7 +374,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
           f"{train_seconds:.0f}s, saved {stage_path(out_dir, stage)}")
     if world > 1:
         torch.distributed.barrier()
-    return model, metrics
+    return metrics
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -474,7 +479,7 @@ def as_flag(name, value):
 def resume_command():
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
     command = shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
-    return command + (" (through the same torchrun command)" if "WORLD_SIZE" in os.environ else "")
+    return command + (" (through the same torchrun command)" if job_size() > 1 else "")
 
 
 def make_deterministic():
@@ -546,10 +551,10 @@ def main(argv=None):
                             f"than the one there is now; pass --fresh to start the distilled stage over", exit_code=2)
     for stage in todo:
         try:
-            _, results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
-                                            teacher=teacher if stage == "distilled" else None,
-                                            teacher_digest=digest if stage == "distilled" else None,
-                                            resume=unfinished[stage], part=(rank, world))
+            results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
+                                         teacher=teacher if stage == "distilled" else None,
+                                         teacher_digest=digest if stage == "distilled" else None,
+                                         resume=unfinished[stage], part=(rank, world))
         except torch.OutOfMemoryError:
             raise TrainingError(f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; "
                                 f"try a smaller --batch-size") from None
