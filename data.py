@@ -466,23 +466,31 @@ def normalize(images, mean, std, channels_last=True):
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def augment(images, padding, flip, generator):
-    """Random crop with zero padding and horizontal flip, for a whole batch.
+def mirror_index(index, size):
+    """Indices outside [0, size) reflected back inside, without repeating the
+    edge (as torch's 'reflect' padding): -1 -> 1, size -> size - 2."""
+    return (size - 1) - (size - 1 - index.abs()).abs()
 
-    Each image gets its own offset in [0, 2 * padding] along each axis, taken
-    with one gather. flip: True gives each image its own coin; a bool tensor
-    (one per image) says which to flip; False flips none."""
+
+def augment(images, padding, flip, generator):
+    """Random translation and horizontal flip, for a whole batch.
+
+    Each image is shifted by its own offset in [-padding, padding] along each
+    axis, with the border filled by reflection (a random crop of the image
+    padded in 'reflect' mode, as in airbench), taken with one gather.
+    padding must be smaller than the image. flip: True gives each image its
+    own coin; a bool tensor (one per image) says which to flip; False flips
+    none."""
     n, _, height, width = images.shape
     device = images.device
     if padding > 0:
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-        rows = (dy + torch.arange(height, device=device))[:, None, :, None]
-        cols = (dx + torch.arange(width, device=device))[:, None, None, :]
+        dy = torch.randint(-padding, padding + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(-padding, padding + 1, (n, 1), device=device, generator=generator)
+        rows = mirror_index(dy + torch.arange(height, device=device), height)[:, None, :, None]
+        cols = mirror_index(dx + torch.arange(width, device=device), width)[:, None, None, :]
         batch = torch.arange(n, device=device)[:, None, None, None]
         channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
-        images = padded[batch, channel, rows, cols]
+        images = images[batch, channel, rows, cols]
     if not torch.is_tensor(flip):
         flip = torch.rand(n, device=device, generator=generator) < 0.5 if flip else None
     if flip is not None:

@@ -306,11 +306,48 @@ OPTIMIZERS = {"sgd": sgd, "adamw": adamw}  # name -> constructor(param groups, l
 def make_optimizer(objective, cfg, lr):
     """The optimizer over every trainable parameter of the objective (the
     student and any adapters of the method), without weight decay on biases
-    and norm weights."""
+    and norm parameters. The shift of a norm whose scale is fixed (as in
+    AirNet) learns BIAS_LR_SCALE times faster, as in airbench: those shifts are
+    the only thing such a norm learns, and they move far too slowly at the
+    weights' rate."""
     trainable = [p for p in objective.parameters() if p.requires_grad]
+    shifts = {id(m.bias) for m in objective.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+              and m.affine and not m.weight.requires_grad}
     groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg["WEIGHT_DECAY"]},
-              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
-    return OPTIMIZERS[cfg["OPTIMIZER"]](groups, lr, cfg)
+              {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in shifts], "weight_decay": 0.0},
+              {"params": [p for p in trainable if id(p) in shifts], "weight_decay": 0.0, "lr": lr * cfg["BIAS_LR_SCALE"]}]
+    return OPTIMIZERS[cfg["OPTIMIZER"]]([group for group in groups if group["params"]], lr, cfg)
+
+
+class Lookahead:
+    """Airbench's lookahead: every `every` steps the model's weights (and
+    batch-norm statistics) are replaced by an exponential moving average of
+    themselves, whose decay rises from 0 to 0.95^5 as progress^3; after the
+    last step the model takes the average. Late in training this averages
+    out the noise of the last steps, which a short schedule has no time to
+    anneal away. Its state goes into the resume file."""
+
+    def __init__(self, model, total_steps, every):
+        self.model, self.total_steps, self.every = model, total_steps, every
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def step(self, step):
+        """Call after optimizer step number `step` (counted from 1)."""
+        if step % self.every and step < self.total_steps:
+            return
+        decay = 1.0 if step >= self.total_steps else 0.95 ** 5 * (step / self.total_steps) ** 3
+        current = self.model.state_dict()
+        for name, average in self.average.items():
+            average.lerp_(current[name], 1 - decay)
+            current[name].copy_(average)
+
+    def state_dict(self):
+        return self.average
+
+    def load_state_dict(self, state):
+        for name, average in self.average.items():
+            average.copy_(state[name])
 
 
 def linear_decay(step, total_steps, warmup, milestones):

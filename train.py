@@ -245,6 +245,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     steps = data.steps_per_epoch(dataset, cfg["BATCH_SIZE"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, distill.lr_multiplier(
         epochs * steps, cfg["WARMUP"], cfg["LR_SCHEDULE"], cfg["LR_MILESTONES"]))
+    lookahead = (distill.Lookahead(model, epochs * steps, every=max(1, round(5120 / cfg["BATCH_SIZE"])))
+                 if cfg["LOOKAHEAD"] else None)  # every 5,120 images: airbench's 5 steps of 1,024
     autocast, amp_on = distill.autocast_for(device, cfg["AMP"])
     trained = objective if world == 1 else torch.nn.parallel.DistributedDataParallel(objective)
     step_fn = torch.compile(trained) if cfg["COMPILE"] else trained
@@ -258,6 +260,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
         objective.load_state_dict({**objective.state_dict(), **resume["trainable"]})
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if lookahead is not None and resume.get("lookahead") is not None:  # none in files from before lookahead
+            lookahead.load_state_dict(resume["lookahead"])
         restore_rng_states(resume["rng"], generator)
         epoch, step, log, elapsed, best = resume["epoch"], resume["step"], resume["log"], resume["elapsed"], resume["best"]
         partial = resume["partial"]
@@ -272,6 +276,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
                  "epoch": next_epoch, "step": next_step,
                  "trainable": trainable_state(objective), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "log": log,
+                 "lookahead": None if lookahead is None else lookahead.state_dict(),
                  "elapsed": elapsed + time.perf_counter() - started, "best": best, "partial": partial}
         data.atomic_write(last_path, lambda p: torch.save(state, p))
 
@@ -310,6 +315,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
             partial["correct"] += (logits.argmax(1) == labels).sum()
             partial["seen"] += len(labels)
             step += 1
+            if lookahead is not None:
+                lookahead.step((epoch - 1) * steps + step)
             bar.update()
             if STOP["signal"] is not None and step < steps and world == 1:  # a job stops at the epoch's end
                 healthy = int(partial["first_bad"]) < 0  # never save a diverged state over a good one
@@ -523,6 +530,9 @@ def main(argv=None):
     print(f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "
           f"{dataset.in_channels}x{dataset.image_size}x{dataset.image_size}, {len(dataset.train_y):,} train, "
           f"{len(dataset.val_y):,} val, {len(dataset.test_y):,} test")
+    if cfg["CROP_PADDING"] >= min(dataset.train_x.shape[-2:]):  # reflection cannot reach further than the image
+        config.fail("crop-padding", f"{cfg['CROP_PADDING']} pixels is not less than the {dataset.image_size}-pixel "
+                    f"images; give a smaller value (0 turns translation off)")
 
     requested = [s for s in STAGES if s in cfg["STAGES"].split(",")]
     finished = {}

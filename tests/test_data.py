@@ -210,11 +210,11 @@ def test_the_parts_of_a_torchrun_job_make_up_exactly_the_single_process_batches(
     assert sum(len(part[0][1]) for part, _ in parts) == len(whole[0][1])
 
 
-def test_random_crop_is_a_shifted_window_of_the_padded_image():
+def test_random_crop_is_a_shifted_window_of_the_reflection_padded_image():
     images = torch.randint(1, 255, (16, 3, 8, 8), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(1)
     out = data.augment(images, padding=2, flip=False, generator=generator)
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
     shifted = 0
     for i in range(16):
         windows = [(dy, dx) for dy in range(5) for dx in range(5)

@@ -180,3 +180,35 @@ def test_fitnet_loss_matches_a_direct_computation():
     expected = F.cross_entropy(s_out["logits"], labels) + 100.0 * ((normalised - target) ** 2).mean()
     got = method.loss(s_out, t_out, labels)
     assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_lookahead_pulls_weights_to_their_average_and_ends_on_it():
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(1.0)
+    lookahead = distill.Lookahead(model, total_steps=4, every=2)
+    model.weight.data.fill_(3.0)
+    lookahead.step(1)  # not a multiple of `every`: nothing happens
+    assert model.weight.item() == 3.0
+    lookahead.step(2)  # decay 0.95^5 * (2/4)^3: average = 1 + (3 - 1) * (1 - decay)
+    decay = 0.95 ** 5 / 8
+    expected = 1 + 2 * (1 - decay)
+    assert model.weight.item() == pytest.approx(expected) and lookahead.state_dict()["weight"].item() == pytest.approx(expected)
+    model.weight.data.fill_(10.0)
+    lookahead.step(4)  # the last step: the model takes the average, which stays put
+    assert model.weight.item() == pytest.approx(expected)
+
+
+def test_only_shifts_of_fixed_scale_norms_get_the_bias_learning_rate():
+    cfg = {"WEIGHT_DECAY": 0.01, "BIAS_LR_SCALE": 64.0, "OPTIMIZER": "sgd", "MOMENTUM": 0.9}
+    airnet, resnet = models.build("airnet_xs", 10, 3), models.build("resnet8", 10, 3)
+    rates = {}
+    for name, model in (("airnet", airnet), ("resnet", resnet)):
+        optimizer = distill.make_optimizer(distill.Supervised(model, 0.0), cfg, 0.1)
+        rates[name] = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+        assert len(rates[name]) == sum(p.requires_grad for p in model.parameters())
+    norm = airnet.stages[0][0][2]
+    assert not norm.weight.requires_grad and id(norm.weight) not in rates["airnet"]
+    assert rates["airnet"][id(norm.bias)] == (6.4, 0.0)
+    assert rates["airnet"][id(airnet.head[0].bias)] == (0.1, 0.0)
+    assert rates["airnet"][id(airnet.head[0].weight)] == (0.1, 0.01)
+    assert {lr for lr, _ in rates["resnet"].values()} == {0.1}  # its norms learn a scale too: no faster rate

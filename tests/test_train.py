@@ -109,6 +109,13 @@ def test_bad_configuration_through_train_py_stops_before_any_work(tmp_path, args
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pt"))
 
 
+def test_translation_as_large_as_the_image_is_refused_before_training(tmp_path):
+    write_cifar10(tmp_path)
+    result = run_script("train.py", "--data-dir", tmp_path, "--out-dir", tmp_path / "out", *FAST, "--crop-padding", "32")
+    assert_one_line_error(result, "--crop-padding", code=2)
+    assert "smaller value" in result.stderr and not any((tmp_path / "out").rglob("*.pt"))
+
+
 def test_help_lists_every_constant_with_its_default():
     import config
 
@@ -161,6 +168,7 @@ def test_paper_recipe_sets_the_benchmark_settings_and_explicit_flags_win(tmp_pat
     assert used["STUDENT_LR"] == 0.01  # MobileNetV2 and ShuffleNet students train at 0.01
     assert used["VAL_SIZE"] == 0 and used["TTA"] is False and used["ALPHA"] == 0.9 and used["TEMPERATURE"] == 4.0
     assert used["AT_WEIGHT"] == 1000.0
+    assert (used["BIAS_LR_SCALE"], used["LOOKAHEAD"], used["CROP_PADDING"]) == (1.0, False, 4)
     assert used["EPOCHS"] == [1, 1, 1] and used["BATCH_SIZE"] == 16  # typed flags win over the recipe
 
 
