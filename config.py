@@ -48,7 +48,7 @@ DKD_WARMUP = 0.1  # dkd: fraction of training over which its distillation term r
 LSKD_TEMPERATURE = 2.0  # lskd: temperature applied to the standardised logits
 LSKD_WEIGHT = 9.0  # lskd: weight of its distillation term (the paper's 9); CE keeps 1 - ALPHA
 FITNET_WEIGHT = 100.0  # fitnet: weight of the hint regression (MSE) term
-AT_WEIGHT = 100.0  # at: weight of the attention-transfer term (paper recipe: 1000, set for maps of 32x32 to 8x8)
+AT_WEIGHT = 10.0  # at: weight of the attention-transfer term (paper recipe: 1000, set for maps of 32x32 to 8x8)
 
 # runtime
 SEED = 0  # seed of initialisation, data order, augmentation and the validation split

@@ -320,15 +320,18 @@ def make_optimizer(objective, cfg, lr):
 
 
 class Lookahead:
-    """Airbench's lookahead: every `every` steps the model's weights (and
-    batch-norm statistics) are replaced by an exponential moving average of
-    themselves, whose decay rises from 0 to 0.95^5 as progress^3; after the
-    last step the model takes the average. Late in training this averages
-    out the noise of the last steps, which a short schedule has no time to
-    anneal away. Its state goes into the resume file."""
+    """Airbench's lookahead: every `every` steps, and after the last one, the
+    model's weights (and batch-norm statistics) move to an exponential moving
+    average of themselves, whose decay rises from 0 to 0.95^5 as progress^3,
+    so the model ends as that average. Late in training this averages out the
+    noise of the last steps, which a short schedule has no time to anneal
+    away. A run gets at least 20 of these pulls (`every` shrinks for short
+    runs), so that the average never lags far behind. Its state goes into the
+    resume file."""
 
     def __init__(self, model, total_steps, every):
-        self.model, self.total_steps, self.every = model, total_steps, every
+        self.model, self.total_steps = model, total_steps
+        self.every = max(1, min(every, total_steps // 20))
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
     @torch.no_grad()
@@ -336,7 +339,7 @@ class Lookahead:
         """Call after optimizer step number `step` (counted from 1)."""
         if step % self.every and step < self.total_steps:
             return
-        decay = 1.0 if step >= self.total_steps else 0.95 ** 5 * (step / self.total_steps) ** 3
+        decay = 0.95 ** 5 * (step / self.total_steps) ** 3
         current = self.model.state_dict()
         for name, average in self.average.items():
             average.lerp_(current[name], 1 - decay)

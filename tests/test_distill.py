@@ -185,17 +185,26 @@ def test_fitnet_loss_matches_a_direct_computation():
 def test_lookahead_pulls_weights_to_their_average_and_ends_on_it():
     model = torch.nn.Linear(1, 1, bias=False)
     model.weight.data.fill_(1.0)
-    lookahead = distill.Lookahead(model, total_steps=4, every=2)
+    lookahead = distill.Lookahead(model, total_steps=40, every=2)
     model.weight.data.fill_(3.0)
     lookahead.step(1)  # not a multiple of `every`: nothing happens
     assert model.weight.item() == 3.0
-    lookahead.step(2)  # decay 0.95^5 * (2/4)^3: average = 1 + (3 - 1) * (1 - decay)
-    decay = 0.95 ** 5 / 8
-    expected = 1 + 2 * (1 - decay)
+    lookahead.step(2)  # decay 0.95^5 * (2/40)^3: average = 1 + (3 - 1) * (1 - decay)
+    expected = 1 + 2 * (1 - 0.95 ** 5 / 20 ** 3)
     assert model.weight.item() == pytest.approx(expected) and lookahead.state_dict()["weight"].item() == pytest.approx(expected)
     model.weight.data.fill_(10.0)
-    lookahead.step(4)  # the last step: the model takes the average, which stays put
+    lookahead.step(39)  # nor here
+    assert model.weight.item() == 10.0
+    lookahead.step(40)  # the last step, though not a multiple of `every`: decay 0.95^5
+    expected += (10 - expected) * (1 - 0.95 ** 5)
     assert model.weight.item() == pytest.approx(expected)
+
+
+def test_lookahead_pulls_at_least_twenty_times_in_a_short_run():
+    model = torch.nn.Linear(1, 1, bias=False)
+    assert distill.Lookahead(model, total_steps=100, every=20).every == 5
+    assert distill.Lookahead(model, total_steps=7, every=20).every == 1
+    assert distill.Lookahead(model, total_steps=2000, every=20).every == 20
 
 
 def test_only_shifts_of_fixed_scale_norms_get_the_bias_learning_rate():
