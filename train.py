@@ -257,7 +257,12 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     epoch, step, log, elapsed = 1, 0, [], 0.0
     best = {"acc": -1.0, "epoch": 0, "state": None}
     if resume is not None:
-        objective.load_state_dict({**objective.state_dict(), **resume["trainable"]})
+        try:
+            objective.load_state_dict({**objective.state_dict(), **resume["trainable"]})
+        except RuntimeError:
+            raise TrainingError(f"{last_path}: its weights do not fit {model_name} as this version of models.py builds "
+                                f"it (saved by an older version?); pass --fresh to start the stage over",
+                                exit_code=2) from None
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if lookahead is not None and resume.get("lookahead") is not None:  # none in files from before lookahead

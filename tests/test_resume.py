@@ -157,6 +157,21 @@ def test_teacher_whose_weights_do_not_fit_its_model_is_one_line(tiny_cifar, tmp_
     assert_one_line_error(result, "teacher.pt", "--fresh", code=1)
 
 
+def test_progress_whose_weights_do_not_fit_the_model_is_one_line(tiny_cifar, tmp_path):
+    out = tmp_path / "out"
+    process = start(tiny_cifar, out)
+    wait_for(out / "cifar10" / "teacher.last.pt", process)
+    process.kill()
+    process.wait()
+    path = out / "cifar10" / "teacher.last.pt"
+    saved = torch.load(path, weights_only=True)
+    trainable = {k.replace("head.0.", "head."): v for k, v in saved["trainable"].items()}  # AirNet's older head
+    torch.save({**saved, "trainable": trainable}, path)
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
+    assert_one_line_error(result, "teacher.last.pt", "do not fit", "--fresh", code=2)
+    assert path.exists()  # nothing saved is lost
+
+
 def test_non_finite_loss_stops_with_epoch_step_and_fix(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     good = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *FAST, "--stages", "teacher")
