@@ -37,6 +37,14 @@ def wait_for(path, process, timeout=120):
         time.sleep(0.01)
 
 
+def kill_after_first_epoch(data_dir, out):
+    """Start the slow teacher run and SIGKILL it once its first .last.pt is written."""
+    process = start(data_dir, out)
+    wait_for(out / "cifar10" / "teacher.last.pt", process)
+    process.kill()
+    process.wait()
+
+
 @pytest.fixture(scope="module")
 def reference_weights(tmp_path_factory):
     """The weights of an uninterrupted deterministic run on the same tiny data."""
@@ -55,10 +63,7 @@ def assert_same_weights(expected, path):
 
 def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_weights):
     out = tmp_path / "killed"
-    process = start(tiny_cifar, out)
-    wait_for(out / "cifar10" / "teacher.last.pt", process)
-    process.kill()
-    process.wait()
+    kill_after_first_epoch(tiny_cifar, out)
     assert not (out / "cifar10" / "teacher.pt").exists(), "the stage finished before it could be killed"
     saved = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
     assert 1 < saved["epoch"] <= 12
@@ -95,10 +100,7 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
 
 def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
     out = tmp_path / "out"
-    process = start(tiny_cifar, out)
-    wait_for(out / "cifar10" / "teacher.last.pt", process)
-    process.kill()
-    process.wait()
+    kill_after_first_epoch(tiny_cifar, out)
     result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume", "--lr", "0.01")
     assert_one_line_error(result, "other settings", "--lr", code=2)
     result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume", "--no-flip")
@@ -159,10 +161,7 @@ def test_teacher_whose_weights_do_not_fit_its_model_is_one_line(tiny_cifar, tmp_
 
 def test_progress_whose_weights_do_not_fit_the_model_is_one_line(tiny_cifar, tmp_path):
     out = tmp_path / "out"
-    process = start(tiny_cifar, out)
-    wait_for(out / "cifar10" / "teacher.last.pt", process)
-    process.kill()
-    process.wait()
+    kill_after_first_epoch(tiny_cifar, out)
     path = out / "cifar10" / "teacher.last.pt"
     saved = torch.load(path, weights_only=True)
     trainable = {k.replace("head.0.", "head."): v for k, v in saved["trainable"].items()}  # AirNet's older head
