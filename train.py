@@ -265,8 +265,8 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
                                 exit_code=2) from None
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        if lookahead is not None and resume.get("lookahead") is not None:  # none in files from before lookahead
-            lookahead.load_state_dict(resume["lookahead"])
+        if lookahead is not None:  # a file from before lookahead has no average: it starts at the resumed weights
+            lookahead.load_state_dict(resume.get("lookahead") or model.state_dict())
         restore_rng_states(resume["rng"], generator)
         epoch, step, log, elapsed, best = resume["epoch"], resume["step"], resume["log"], resume["elapsed"], resume["best"]
         partial = resume["partial"]
