@@ -31,16 +31,21 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoint
 import config
 import data
 import distill
 import models
+import optim
+import runtime
 
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="few steps per path: a smoke test, not a measurement")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per path (after 3 warm-up steps)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the conventional loop")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the conventional loop"
+    )
     parser.add_argument("--out", default=None, help="JSON file for the results (default: OUT_DIR/bench.json)")
 
 
@@ -64,9 +69,15 @@ class PerSampleDataset(torch.utils.data.Dataset):
 def conventional_loader(images, labels, mean, std, batch_size, workers, train):
     augment = [T.RandomCrop(images.shape[-1], padding=4), T.RandomHorizontalFlip()] if train else []
     transform = T.Compose([*augment, T.ToTensor(), T.Normalize(mean, std)])
-    return torch.utils.data.DataLoader(PerSampleDataset(images, labels, transform), batch_size=batch_size,
-                                       shuffle=train, num_workers=workers, drop_last=train,
-                                       persistent_workers=False, pin_memory=False)
+    return torch.utils.data.DataLoader(
+        PerSampleDataset(images, labels, transform),
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=workers,
+        drop_last=train,
+        persistent_workers=False,
+        pin_memory=False,
+    )
 
 
 def synchronize(device):
@@ -91,7 +102,7 @@ def time_loop(run_step, batches, steps, device, warmup=3):
 
 
 def make_train_step(objective, cfg, autocast, device):
-    optimizer = distill.make_optimizer(objective, cfg, cfg["LR"])
+    optimizer = optim.make_optimizer(objective, cfg, cfg["LR"][0])
     objective.train()
     forward = torch.compile(objective) if cfg["COMPILE"] else objective
 
@@ -117,19 +128,11 @@ def make_inference_step(model, autocast, device):
     return run_step
 
 
-def build_objective(stage, cfg, dataset, device, memory_format, teacher_weights):
-    """The objective of a stage with fresh networks, laid out in `memory_format`."""
-    torch.manual_seed(cfg["SEED"])
+def stage_objective(stage, cfg, dataset, device):
+    """The objective train.py builds for `stage`, with an untrained teacher (the speed is the same)."""
     name = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
-    model = models.build(name, len(dataset.classes), dataset.in_channels, cfg["DROPOUT"]).to(device, memory_format=memory_format)
-    model.init_from_data(data.normalize(dataset.train_x[:512], dataset.mean, dataset.std, False).to(memory_format=memory_format))
-    if stage != "distilled":
-        return distill.Supervised(model, cfg["LABEL_SMOOTHING"])
-    teacher = models.build(cfg["TEACHER"], len(dataset.classes), dataset.in_channels).to(device, memory_format=memory_format)
-    teacher.load_state_dict(teacher_weights)
-    sample = data.normalize(dataset.train_x[:8], dataset.mean, dataset.std, False).to(memory_format=memory_format)
-    method = distill.build_method(cfg["METHOD"], cfg, model, teacher, sample)
-    return distill.Distillation(model, teacher, method).to(device, memory_format=memory_format)
+    teacher = models.build(cfg["TEACHER"], len(dataset.classes), dataset.in_channels) if stage == "distilled" else None
+    return distill.build_objective(cfg, name, dataset, device, teacher)
 
 
 def peak_gflops(device, autocast, memory_format):
@@ -173,96 +176,137 @@ def generated_dataset(n, seed=0):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (n,), generator=generator)
-    return data.Data(images, labels, images[:0], labels[:0], images[: n // 4], labels[: n // 4],
-                     [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3, "generated")
+    return data.Data(
+        images,
+        labels,
+        images[:0],
+        labels[:0],
+        images[: n // 4],
+        labels[: n // 4],
+        [str(i) for i in range(10)],
+        (0.5,) * 3,
+        (0.25,) * 3,
+        "generated",
+    )
 
 
-def main(argv=None):
-    cfg = config.parse(argv, description=__doc__.split("\n\n")[0],
-                       names=["DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "METHOD", "BATCH_SIZE", "DEVICE", "OPTIMIZER", "LR",
-                              "AMP", "CHANNELS_LAST", "COMPILE", "THREADS", "SEED"],
-                       choices={"DATASET": data.DATASETS, "TEACHER": models.MODELS, "STUDENT": models.MODELS,
-                                "METHOD": distill.METHODS}, extra=add_arguments)
-    steps = 3 if cfg["quick"] else cfg["steps"]
-    if steps < 1 or cfg["workers"] < 0:
-        config.fail("steps", "--steps must be >= 1 and --workers >= 0")
-    if cfg["THREADS"]:
-        torch.set_num_threads(cfg["THREADS"])
-    device = config.device(cfg["DEVICE"])
-    batch_size = cfg["BATCH_SIZE"]
-    needed = max(batch_size, 256) * (steps + 3) + 256  # training batches, or inference batches of 256
+BENCH_SETTINGS = ["DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "METHOD", "BATCH_SIZE", "DEVICE", "OPTIMIZER",
+                  "LR", "AMP", "CHANNELS_LAST", "COMPILE", "THREADS", "SEED"]  # fmt: skip
+
+
+def load_images(cfg, needed):
+    """The dataset of DATA_DIR when there is one, else generated images."""
     if Path(cfg["DATA_DIR"]).is_dir():
         try:
-            dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], [Path(cfg["OUT_DIR"]) / cfg["DATASET"]],
-                                val_size=0, download=False)
+            folder = Path(cfg["OUT_DIR"]) / cfg["DATASET"]
+            return data.load(cfg["DATASET"], cfg["DATA_DIR"], [folder], val_size=0, download=False)
         except data.DataError as error:
             print(f"bench.py: {error}; using generated data instead", file=sys.stderr)
-            dataset = generated_dataset(needed)
-    else:
-        dataset = generated_dataset(needed)
-    cpu_images, cpu_labels = dataset.train_x[:needed].cpu(), dataset.train_y[:needed].cpu()
-    dataset.train_x, dataset.train_y = dataset.train_x[:needed].to(device), dataset.train_y[:needed].to(device)
-    autocast, amp_on = distill.autocast_for(device, cfg["AMP"])
-    fp32 = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
-    ours_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
-    teacher_weights = models.build(cfg["TEACHER"], len(dataset.classes), dataset.in_channels).state_dict()
-    generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
-    print(f"bench: {device} ({torch.get_num_threads()} threads), batch {batch_size}, {steps} timed steps per path, "
-          f"data {dataset.source}, bf16 {'on' if amp_on else 'off'}, channels_last {cfg['CHANNELS_LAST']}, "
-          f"compile {cfg['COMPILE']}, {cfg['workers']} loader workers for the conventional loop")
+    return generated_dataset(needed)
 
+
+def training_rows(cfg, dataset, cpu_data, device, steps, autocast):
+    """Images per second of each stage's training, ours and conventional, with the FLOPs per image."""
+    fp32 = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
+    generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
     rows = {}
     for stage in ("teacher", "student", "distilled"):
         order = torch.randperm(len(dataset.train_y), device=device, generator=generator)
-        ours = time_loop(make_train_step(build_objective(stage, cfg, dataset, device, ours_format, teacher_weights), cfg,
-                                         autocast, device),
-                         data.train_batches(dataset, order, batch_size, 4, True, generator, cfg["CHANNELS_LAST"]),
-                         steps, device)
-        loader = conventional_loader(cpu_images, cpu_labels, dataset.mean, dataset.std, batch_size, cfg["workers"], True)
-        conventional = time_loop(make_train_step(build_objective(stage, cfg, dataset, device, torch.contiguous_format,
-                                                                 teacher_weights), cfg, fp32, device), loader, steps, device)
-        student = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
-        flops = flops_per_image(student, dataset.in_channels, dataset.image_size, train=True)
+        batches = data.train_batches(dataset, order, cfg["BATCH_SIZE"], 4, True, generator, cfg["CHANNELS_LAST"])
+        ours_step = make_train_step(stage_objective(stage, cfg, dataset, device), cfg, autocast, device)
+        ours = time_loop(ours_step, batches, steps, device)
+        loader = conventional_loader(*cpu_data, dataset.mean, dataset.std, cfg["BATCH_SIZE"], cfg["workers"], True)
+        nchw = stage_objective(stage, {**cfg, "CHANNELS_LAST": False}, dataset, device)
+        conventional = time_loop(make_train_step(nchw, cfg, fp32, device), loader, steps, device)
+        trained = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
+        flops = flops_per_image(trained, dataset.in_channels, dataset.image_size, train=True)
         if stage == "distilled":
             flops += flops_per_image(cfg["TEACHER"], dataset.in_channels, dataset.image_size, train=False)
         rows[f"{stage} training"] = {"ours": ours, "conventional": conventional, "flops_per_image": flops}
         print(f"  {stage} training: ours {ours:,.0f} img/s, conventional {conventional:,.0f} img/s", flush=True)
+    return rows
 
-    for name in (cfg["TEACHER"], cfg["STUDENT"]):
-        role = "teacher" if name == cfg["TEACHER"] else "student"
+
+def inference_rows(cfg, dataset, cpu_data, device, steps, autocast):
+    """Images per second of the teacher's and the student's inference, ours and conventional."""
+    fp32 = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
+    ours_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
+    rows = {}
+    for role in ("teacher", "student"):
+        name = cfg[role.upper()]
         model = models.build(name, len(dataset.classes), dataset.in_channels)
-        ours_batches = ((data.normalize(dataset.train_x[i:i + 256], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]),
-                         dataset.train_y[i:i + 256]) for i in range(0, len(dataset.train_y) - 255, 256))
-        ours = time_loop(make_inference_step(model.to(device, memory_format=ours_format), autocast, device),
-                         ours_batches, steps, device)
-        loader = conventional_loader(cpu_images, cpu_labels, dataset.mean, dataset.std, 256, cfg["workers"], False)
-        conventional = time_loop(make_inference_step(model.to(memory_format=torch.contiguous_format), fp32, device),
-                                 loader, steps, device)
+        ours_batches = (
+            (
+                data.normalize(dataset.train_x[i : i + 256], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]),
+                dataset.train_y[i : i + 256],
+            )
+            for i in range(0, len(dataset.train_y) - 255, 256)
+        )
+        ours_step = make_inference_step(model.to(device, memory_format=ours_format), autocast, device)
+        ours = time_loop(ours_step, ours_batches, steps, device)
+        loader = conventional_loader(*cpu_data, dataset.mean, dataset.std, 256, cfg["workers"], False)
+        nchw_step = make_inference_step(model.to(memory_format=torch.contiguous_format), fp32, device)
+        conventional = time_loop(nchw_step, loader, steps, device)
         flops = flops_per_image(name, dataset.in_channels, dataset.image_size, train=False)
         rows[f"{role} inference"] = {"ours": ours, "conventional": conventional, "flops_per_image": flops}
         print(f"  {role} inference: ours {ours:,.0f} img/s, conventional {conventional:,.0f} img/s", flush=True)
+    return rows
 
-    peak = peak_gflops(device, autocast, ours_format)
-    print(f"\npeak: {peak:.1f} GFLOP/s (one 256-channel 3x3 convolution); 'at peak' is the most images per second a "
-          f"path's FLOPs allow at that rate, and its ratio to the conventional loop the most any loop could gain\n")
-    print("| path | ours (img/s) | conventional (img/s) | ours / conventional | GFLOP per image | ours GFLOP/s "
-          "| at peak (img/s) | at peak / conventional |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+
+def print_table(rows, peak):
+    """The rows as a markdown table, each with its ratios to the conventional loop and to the peak rate."""
+    print(
+        f"\npeak: {peak:.1f} GFLOP/s (one 256-channel 3x3 convolution); 'at peak' is the most images per second a "
+        f"path's FLOPs allow at that rate, and its ratio to the conventional loop the most any loop could gain\n"
+    )
+    print(
+        "| path | ours (img/s) | conventional (img/s) | ours / conventional | GFLOP per image | ours GFLOP/s "
+        "| at peak (img/s) | at peak / conventional |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for path, row in rows.items():
         row["ratio"] = row["ours"] / row["conventional"]
         row["gflops_per_second"] = row["ours"] * row["flops_per_image"] / 1e9
         row["at_peak"] = peak * 1e9 / row["flops_per_image"]
         row["at_peak_ratio"] = row["at_peak"] / row["conventional"]
-        print(f"| {path} | {row['ours']:,.0f} | {row['conventional']:,.0f} | {row['ratio']:.2f}x | "
-              f"{row['flops_per_image'] / 1e9:.3f} | {row['gflops_per_second']:.1f} | {row['at_peak']:,.0f} | "
-              f"{row['at_peak_ratio']:.2f}x |")
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": batch_size, "steps": steps,
-              "data": dataset.source, "teacher": cfg["TEACHER"], "student": cfg["STUDENT"], "bf16": amp_on,
-              "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"],
-              "peak_gflops_per_second": peak, "rows": rows}
+        print(
+            f"| {path} | {row['ours']:,.0f} | {row['conventional']:,.0f} | {row['ratio']:.2f}x | "
+            f"{row['flops_per_image'] / 1e9:.3f} | {row['gflops_per_second']:.1f} | {row['at_peak']:,.0f} | "
+            f"{row['at_peak_ratio']:.2f}x |"
+        )
+
+
+def main(argv=None):
+    cfg = config.parse(argv, __doc__.split("\n\n")[0], names=BENCH_SETTINGS, extra=add_arguments)
+    steps = 3 if cfg["quick"] else cfg["steps"]
+    if steps < 1 or cfg["workers"] < 0:
+        config.fail("steps", "--steps must be >= 1 and --workers >= 0")
+    if cfg["THREADS"]:
+        torch.set_num_threads(cfg["THREADS"])
+    device = runtime.device(cfg["DEVICE"])
+    needed = max(cfg["BATCH_SIZE"], 256) * (steps + 3) + 256  # training batches, or inference batches of 256
+    dataset = load_images(cfg, needed)
+    cpu_data = dataset.train_x[:needed].cpu(), dataset.train_y[:needed].cpu()
+    dataset.train_x, dataset.train_y = dataset.train_x[:needed].to(device), dataset.train_y[:needed].to(device)
+    autocast, amp_on = runtime.autocast(device, cfg["AMP"])
+    print(
+        f"bench: {device} ({torch.get_num_threads()} threads), batch {cfg['BATCH_SIZE']}, {steps} timed steps per "
+        f"path, data {dataset.source}, bf16 {'on' if amp_on else 'off'}, channels_last {cfg['CHANNELS_LAST']}, "
+        f"compile {cfg['COMPILE']}, {cfg['workers']} loader workers for the conventional loop"
+    )
+    rows = {**training_rows(cfg, dataset, cpu_data, device, steps, autocast),
+            **inference_rows(cfg, dataset, cpu_data, device, steps, autocast)}  # fmt: skip
+    peak = peak_gflops(device, autocast, torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format)
+    print_table(rows, peak)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg["BATCH_SIZE"],
+        "steps": steps, "data": dataset.source, "teacher": cfg["TEACHER"], "student": cfg["STUDENT"], "bf16": amp_on,
+        "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"],
+        "peak_gflops_per_second": peak, "rows": rows,
+    }  # fmt: skip
     out = Path(cfg["out"] or Path(cfg["OUT_DIR"]) / "bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    data.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {out}")
 
 

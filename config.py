@@ -22,9 +22,14 @@ METHOD = "kd"  # distillation method, a name from distill.METHODS
 RECIPE = "fast"  # fast (the constants below) | paper (the CIFAR-100 benchmark recipe; explicit flags still win)
 EPOCHS = (11, 5, 5)  # epochs of the teacher, student and distilled stages (one number sets all three)
 BATCH_SIZE = 256  # images per step (in all, under torchrun)
-OPTIMIZER = "sgd"  # sgd (Nesterov momentum) | adamw (try --lr 4e-3 --weight-decay 0.05 --bias-lr-scale 1 --no-lookahead)
-LR = 0.375  # peak learning rate (of the teacher stage)
-STUDENT_LR = 0.0  # peak learning rate of the student and distilled stages (0: LR; a typed --lr alone sets both)
+OPTIMIZER = (
+    "sgd"  # sgd (Nesterov momentum) | adamw (try --lr 4e-3 --weight-decay 0.05 --bias-lr-scale 1 --no-lookahead)
+)
+LR = (
+    0.375,
+    0.375,
+    0.375,
+)  # peak learning rate of the teacher, student and distilled stages (one number sets all three)
 LR_SCHEDULE = "linear"  # linear (warm-up, then linear decay to zero) | step (warm-up, then x0.1 at LR_MILESTONES)
 LR_MILESTONES = (0.625, 0.75, 0.875)  # step schedule: fractions of a stage's epochs where the rate drops tenfold
 MOMENTUM = 0.85  # SGD momentum
@@ -61,180 +66,166 @@ THREADS = 0  # CPU threads for torch (0: torch's default)
 
 
 # ---------------------------------------------------------------------------
-# Recipes: named sets of overrides. 'paper' is the standard CIFAR-100
-# distillation benchmark (CRD/RepDistiller, DKD/mdistiller): SGD with momentum
-# 0.9 and weight decay 5e-4, lr 0.05 (0.01 for MobileNetV2 and ShuffleNet
-# students, see models.LIGHTWEIGHT), divided by 10 at epochs 150, 180 and
-# 210 of 240, batch 64, T = 4, CE / KD weights 0.1 / 0.9, no label smoothing,
-# dropout, lookahead, faster norm shifts or test-time flips, random crops with
-# 4 pixels of padding (reflected here, zeros in those repos), the last epoch
-# on the full training set, DKD's beta per pair (distill.DKD_PAPER_BETA) and
-# AT's weight of 1000.
+# Recipes: named sets of overrides, one entry each. 'paper' is the standard
+# CIFAR-100 distillation benchmark (CRD/RepDistiller, DKD/mdistiller): SGD
+# with momentum 0.9 and weight decay 5e-4, lr 0.05, divided by 10 at epochs
+# 150, 180 and 210 of 240, batch 64, T = 4, CE / KD weights 0.1 / 0.9, no
+# label smoothing, dropout, lookahead, faster norm shifts or test-time flips,
+# random crops with 4 pixels of padding (reflected here, zeros in those
+# repos), the last epoch on the full training set and AT's weight of 1000.
+# A recipe's NETWORKS entry holds settings for particular networks, keyed by
+# (teacher, student) or by student: DKD's beta per pair (the DKD paper's
+# released configurations) and lr 0.01 for MobileNetV2 and ShuffleNet
+# students. Flags typed on the command line always win over a recipe.
 RECIPES = {
     "fast": {},
-    "paper": {"DATASET": "cifar100", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4", "VAL_SIZE": 0,
-              "EPOCHS": (240, 240, 240), "BATCH_SIZE": 64, "OPTIMIZER": "sgd", "LR": 0.05, "STUDENT_LR": 0.0, "MOMENTUM": 0.9,
-              "WEIGHT_DECAY": 5e-4, "BIAS_LR_SCALE": 1.0, "LOOKAHEAD": False, "CROP_PADDING": 4,
-              "LR_SCHEDULE": "step", "LR_MILESTONES": (0.625, 0.75, 0.875), "WARMUP": 0.0,
-              "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9,
-              "DKD_WARMUP": 20 / 240, "AT_WEIGHT": 1000.0},
-}
+    "paper": {
+        "DATASET": "cifar100", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4", "VAL_SIZE": 0,
+        "EPOCHS": (240, 240, 240), "BATCH_SIZE": 64, "OPTIMIZER": "sgd", "LR": (0.05, 0.05, 0.05), "MOMENTUM": 0.9,
+        "WEIGHT_DECAY": 5e-4, "BIAS_LR_SCALE": 1.0, "LOOKAHEAD": False, "CROP_PADDING": 4,
+        "LR_SCHEDULE": "step", "LR_MILESTONES": (0.625, 0.75, 0.875), "WARMUP": 0.0,
+        "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9,
+        "DKD_WARMUP": 20 / 240, "AT_WEIGHT": 1000.0,
+        "NETWORKS": {
+            ("resnet32x4", "resnet8x4"): {"DKD_BETA": 8.0}, ("wrn_40_2", "wrn_16_2"): {"DKD_BETA": 6.0},
+            ("resnet56", "resnet20"): {"DKD_BETA": 2.0}, ("resnet110", "resnet32"): {"DKD_BETA": 2.0},
+            ("vgg13", "vgg8"): {"DKD_BETA": 6.0},
+            **{student: {"LR": (0.05, 0.01, 0.01)} for student in ("mobilenetv2", "shufflenetv1", "shufflenetv2")},
+        },
+    },
+}  # fmt: skip
+
+# Settings that may change between a run and its resumption: where things are,
+# what runs, and how fast. Every other setting shapes the results.
+RUNTIME_SETTINGS = {"DATA_DIR", "DOWNLOAD", "OUT_DIR", "STAGES", "FRESH", "RESUME", "DEVICE", "AMP", "CHANNELS_LAST",
+                    "COMPILE", "THREADS", "DETERMINISTIC", "RECIPE"}  # fmt: skip
 
 # ---------------------------------------------------------------------------
 # Everything below turns the constants above into a validated command line.
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-
-def _positive(value):
-    return None if value > 0 else "must be > 0"
+PER_STAGE = {"EPOCHS", "LR"}  # one number sets the teacher, student and distilled stages alike
 
 
-def _non_negative(value):
-    return None if value >= 0 else "must be >= 0"
+def _in(low, high, closed=False):
+    inside = (lambda v: low <= v <= high) if closed else (lambda v: low <= v < high)
+    return lambda v: None if inside(v) else f"must be in [{low}, {high}{']' if closed else ')'}"
 
 
-def _fraction(value):
-    return None if 0 <= value < 1 else "must be in [0, 1)"
-
-
-def _unit(value):
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
-
-
-def _epochs(value):
-    return None if len(value) == 3 and all(v > 0 for v in value) else "must be one or three integers > 0"
-
-
-def _milestones(value):
-    return None if all(0 < v < 1 for v in value) else "must be fractions between 0 and 1"
+def _registry(module, name):
+    """Names registered in module.name (imported when checked, so config.py stays light)."""
+    return lambda v: (
+        None
+        if v in getattr(importlib.import_module(module), name)
+        else (f"unknown name {v!r}; choose one of {', '.join(sorted(getattr(importlib.import_module(module), name)))}")
+    )
 
 
 def _stages(value):
     names = [s for s in value.split(",") if s]
     known = ("teacher", "student", "distilled")
-    if not names or any(name not in known for name in names):
-        return f"must be a comma-separated list of {', '.join(known)}"
-    return None
+    return None if names and all(n in known for n in names) else f"must be a comma-separated list of {', '.join(known)}"
 
 
-def _choice(*allowed):
-    return lambda value: None if value in allowed else f"must be one of {', '.join(allowed)}"
-
-
-_RULES = {  # constant -> check(value) returning an error or None
-    "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8",
-    "VAL_SIZE": _non_negative, "STAGES": _stages, "EPOCHS": _epochs, "BATCH_SIZE": _positive,
-    "LR": _positive, "BIAS_LR_SCALE": _positive, "MOMENTUM": _fraction, "WEIGHT_DECAY": _non_negative, "WARMUP": _fraction,
-    "LABEL_SMOOTHING": _fraction, "DROPOUT": _fraction, "CROP_PADDING": _non_negative,
-    "TEMPERATURE": _positive, "DKD_ALPHA": _non_negative, "DKD_BETA": _non_negative, "DKD_WARMUP": _unit,
-    "LSKD_TEMPERATURE": _positive, "LSKD_WEIGHT": _non_negative, "FITNET_WEIGHT": _non_negative,
-    "AT_WEIGHT": _non_negative, "ALPHA": _unit, "SEED": _non_negative,
-    "STUDENT_LR": _non_negative, "LR_SCHEDULE": _choice("linear", "step"), "LR_MILESTONES": _milestones,
+POSITIVE, NON_NEGATIVE = (lambda v: None if v > 0 else "must be > 0"), (lambda v: None if v >= 0 else "must be >= 0")
+RULES = {  # constant -> check(value) returning an error or None
+    "DATASET": _registry("data", "DATASETS"), "TEACHER": _registry("models", "MODELS"),
+    "STUDENT": _registry("models", "MODELS"), "METHOD": _registry("distill", "METHODS"),
+    "OPTIMIZER": _registry("optim", "OPTIMIZERS"), "LR_SCHEDULE": _registry("optim", "SCHEDULES"),
     "RECIPE": lambda v: None if v in RECIPES else f"must be one of {', '.join(RECIPES)}",
-    "DEVICE": _choice("auto", "cpu", "cuda"), "AMP": _choice("auto", "bf16", "off"), "THREADS": _non_negative,
-}
+    "DEVICE": lambda v: None if v in ("auto", "cpu", "cuda") else "must be one of auto, cpu, cuda",
+    "AMP": lambda v: None if v in ("auto", "bf16", "off") else "must be one of auto, bf16, off",
+    "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8", "STAGES": _stages,
+    "EPOCHS": lambda v: None if len(v) == 3 and all(e > 0 for e in v) else "must be one or three integers > 0",
+    "LR": lambda v: None if len(v) == 3 and all(r > 0 for r in v) else "must be one or three numbers > 0",
+    "LR_MILESTONES": lambda v: None if all(0 < m < 1 for m in v) else "must be fractions between 0 and 1",
+    "BATCH_SIZE": POSITIVE, "BIAS_LR_SCALE": POSITIVE, "TEMPERATURE": POSITIVE, "LSKD_TEMPERATURE": POSITIVE,
+    "VAL_SIZE": NON_NEGATIVE, "WEIGHT_DECAY": NON_NEGATIVE, "CROP_PADDING": NON_NEGATIVE, "SEED": NON_NEGATIVE,
+    "DKD_ALPHA": NON_NEGATIVE, "DKD_BETA": NON_NEGATIVE, "LSKD_WEIGHT": NON_NEGATIVE, "FITNET_WEIGHT": NON_NEGATIVE,
+    "AT_WEIGHT": NON_NEGATIVE, "THREADS": NON_NEGATIVE,
+    "MOMENTUM": _in(0, 1), "WARMUP": _in(0, 1), "LABEL_SMOOTHING": _in(0, 1), "DROPOUT": _in(0, 1),
+    "ALPHA": _in(0, 1, closed=True), "DKD_WARMUP": _in(0, 1, closed=True),
+}  # fmt: skip
 
 
 def defaults():
-    """The constants of this module, by name."""
-    return {name: value for name, value in globals().items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", name)
-            and not callable(value) and name != "RECIPES"}
-
-
-def _comments():
-    """The comment after each constant, for --help."""
-    text = Path(__file__).read_text()
-    return dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", text, flags=re.M))
-
-
-def _tuple_parser(default):
-    """Parse 'a,b,c' into a tuple of the default's element type; for EPOCHS,
-    one number stands for all three stages."""
-    kind = type(default[0])
-
-    def parse(text):
-        try:
-            values = tuple(kind(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: give comma-separated {kind.__name__}s")
-        return values * len(default) if len(values) == 1 and kind is int else values
-
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """Reports a usage error as one line (no usage block) and exits with 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def fail(flag, message, prog=None):
-    """Print a one-line configuration error naming the flag, and exit with 2."""
-    prog = prog or Path(sys.argv[0]).name
-    sys.stderr.write(f"{prog}: error: argument --{flag}: {message}\n")
-    raise SystemExit(2)
-
-
-def device(choice, prog=None):
-    """The torch device for DEVICE (auto: CUDA when there is one)."""
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        fail("device", "cuda was asked for but torch sees no CUDA device; use --device cpu", prog)
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    """The constants of this module's knobs block, by name."""
+    return {k: v for k, v in globals().items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and k not in _NOT_KNOBS}
 
 
 def flag(name):
     return name.lower().replace("_", "-")
 
 
-def parse(argv=None, description=None, names=None, choices=None, extra=None, derived=None):
-    """Parse the command line into a dict of constants, validated.
+def typed(name, value):
+    """A setting as the user would type it on the command line."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{flag(name)}"
+    return f"--{flag(name)} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
 
-    names: the constants this program takes (all by default). choices: extra
-    allowed-name checks, e.g. {"TEACHER": models.MODELS}. extra: a function
-    that adds program-specific arguments to the parser; their values come back
-    under their lowercase dest names. derived: a function of the parsed
-    values that returns further defaults (a recipe's per-model settings, say);
-    like a recipe, they never replace a value the user typed.
-    """
+
+def fail(flag_name, message, prog=None):
+    """Print a one-line configuration error naming the flag, and exit with 2."""
+    sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: error: argument --{flag_name}: {message}\n")
+    raise SystemExit(2)
+
+
+def _tuple_type(name, default):
+    """'a,b,c' -> a tuple of the default's element type; for per-stage constants one number stands for all three."""
+    kind = type(default[0])
+
+    def parse(text):
+        try:
+            values = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: give comma-separated {kind.__name__}s") from None
+        return values * 3 if len(values) == 1 and name in PER_STAGE else values
+
+    return parse
+
+
+def parse(argv=None, description=None, names=None, extra=None):
+    """Parse the command line into a dict of every constant, validated.
+
+    names: the constants this program takes as flags (all by default). extra:
+    a function that adds program-specific arguments to the parser; their
+    values come back under their lowercase dest names. Precedence: typed
+    flags, then the recipe's settings for the chosen networks, then the
+    recipe, then the constants above."""
     values = defaults()
-    names = list(values) if names is None else names
-    comments = _comments()
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    for name in names:
-        default = values[name]
-        help_text = comments.get(name, "")
-        option = f"--{flag(name)}"
+    comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", Path(__file__).read_text(), flags=re.M))
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
+    for name in values if names is None else names:
+        default, shown = values[name], typed(name, values[name]).split(" ", 1)[-1]
+        help_text = f"{comments.get(name, '')} (default: {shown})"
         if isinstance(default, bool):
-            parser.add_argument(option, dest=name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(f"--{flag(name)}", dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(option, dest=name, default=default, type=_tuple_parser(default), metavar="A,B,...",
-                                help=help_text)
+            parser.add_argument(
+                f"--{flag(name)}", dest=name, type=_tuple_type(name, default), metavar="A,B,...", help=help_text
+            )
         else:
-            parser.add_argument(option, dest=name, default=default, type=type(default), metavar=type(default).__name__.upper(),
-                                help=help_text)
+            parser.add_argument(
+                f"--{flag(name)}", dest=name, type=type(default), metavar=type(default).__name__.upper(), help=help_text
+            )
     if extra:
         extra(parser)
-    args = vars(parser.parse_args(argv))
-    typed = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
-    was_typed = lambda name: bool(typed & {f"--{flag(name)}", f"--no-{flag(name)}"})  # noqa: E731
-    if "RECIPE" in names:  # a recipe replaces defaults, not what the user typed
-        args.update({k: v for k, v in RECIPES.get(args["RECIPE"], {}).items() if not was_typed(k)})
-    if derived:
-        args.update({k: v for k, v in derived(args).items() if not was_typed(k)})
-    if "STUDENT_LR" in names and was_typed("LR") and not was_typed("STUDENT_LR"):
-        args["STUDENT_LR"] = 0.0  # a typed --lr alone sets the rate of every stage
-    for name in names:
-        check = _RULES.get(name)
-        problem = check(args[name]) if check else None
-        if problem is None and choices and name in choices and args[name] not in choices[name]:
-            problem = f"unknown name {args[name]!r}; choose one of {', '.join(sorted(choices[name]))}"
+    given = vars(parser.parse_args(argv))
+    recipe = RECIPES.get(given.get("RECIPE", values["RECIPE"]), {})
+    cfg = {**values, **{k: v for k, v in recipe.items() if k != "NETWORKS"}, **given}
+    for networks in ((cfg["TEACHER"], cfg["STUDENT"]), cfg["STUDENT"]):
+        cfg.update({k: v for k, v in recipe.get("NETWORKS", {}).get(networks, {}).items() if k not in given})
+    for name, check in RULES.items():
+        problem = check(cfg[name])
         if problem:
-            fail(flag(name), f"{problem} (got {args[name]!r})", parser.prog)
-    return {**values, **args}
+            fail(flag(name), f"{problem} (got {cfg[name]!r})", parser.prog)
+    return cfg
+
+
+_NOT_KNOBS = {"RECIPES", "RUNTIME_SETTINGS", "PER_STAGE", "POSITIVE", "NON_NEGATIVE", "RULES"}

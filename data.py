@@ -21,7 +21,6 @@ import functools
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import tarfile
 import warnings
@@ -32,10 +31,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+import checkpoint
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CACHE_VERSION = 1  # bump when the decoded-tree cache format changes
 
 # load_image refuses images over Pillow's decompression-bomb limit with a
@@ -45,19 +56,6 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 class DataError(Exception):
     """A problem with the user's data, reported as one line."""
-
-
-def atomic_write(path, write):
-    """Write a file through a temporary file and os.replace, so that a crash
-    never leaves a half-written file where a good one was. `write(temporary)`
-    writes the content."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @dataclass
@@ -74,6 +72,7 @@ class Splits:
 
 # ---------------------------------------------------------------- images
 
+
 def load_image(path, size, channels=3):
     """Decode one image file the way training data is decoded.
 
@@ -85,8 +84,10 @@ def load_image(path, size, channels=3):
     try:
         with Image.open(path) as image:
             if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                raise DataError(f"{path}: image too large ({image.width}x{image.height} pixels, over the limit of "
-                                f"{Image.MAX_IMAGE_PIXELS:,} against decompression bombs)")
+                raise DataError(
+                    f"{path}: image too large ({image.width}x{image.height} pixels, over the limit of "
+                    f"{Image.MAX_IMAGE_PIXELS:,} against decompression bombs)"
+                )
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 array = np.asarray(image, dtype=np.float64)
@@ -109,7 +110,9 @@ def load_image(path, size, channels=3):
     except PermissionError:
         raise DataError(f"{path}: permission denied; make the file readable") from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"{path}: cannot read image ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        raise DataError(
+            f"{path}: cannot read image ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        ) from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -147,7 +150,12 @@ def decode_split(root, classes, size, channels):
         raise DataError(f"no image files found under {root}/<class>/; expected e.g. {root}/{classes[0]}/0001.png")
     from tqdm import tqdm
 
-    images = np.stack([load_image(f, size, channels) for f in tqdm(files, desc=f"decoding {root}", leave=False, mininterval=1, disable=None)])
+    images = np.stack(
+        [
+            load_image(f, size, channels)
+            for f in tqdm(files, desc=f"decoding {root}", leave=False, mininterval=1, disable=None)
+        ]
+    )
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -161,8 +169,13 @@ def load_image_tree(root, size, channels, cache_dirs):
     classes = [p.name for p in class_folders(root / "train")]
     if not classes:
         raise DataError(f"{root}/train has no class folders; expected {root}/train/<class>/<image files>")
-    files = [f for split in ("train", "test") for c in classes if (root / split / c).is_dir()
-             for f in list_images(root / split / c)]
+    files = [
+        f
+        for split in ("train", "test")
+        for c in classes
+        if (root / split / c).is_dir()
+        for f in list_images(root / split / c)
+    ]
     fingerprint = tree_fingerprint(files)
     key = hashlib.sha256(f"{root.resolve()}|{size}|{channels}|{CACHE_VERSION}".encode()).hexdigest()[:12]
     cache_name = f".decoded-{root.name}-{size}px-{channels}ch-{key}.pt"
@@ -172,18 +185,30 @@ def load_image_tree(root, size, channels, cache_dirs):
             try:
                 blob = torch.load(cached, weights_only=True)
                 if blob.get("fingerprint") == fingerprint:
-                    return Splits(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"],
-                                  blob["classes"], f"{root} (cached in {cached})")
+                    return Splits(
+                        blob["train_x"],
+                        blob["train_y"],
+                        blob["test_x"],
+                        blob["test_y"],
+                        blob["classes"],
+                        f"{root} (cached in {cached})",
+                    )
             except Exception:  # a stale or broken cache is simply rebuilt
                 pass
     train_x, train_y = decode_split(root / "train", classes, size, channels)
     test_x, test_y = decode_split(root / "test", classes, size, channels)
-    blob = {"fingerprint": fingerprint, "classes": classes, "train_x": train_x, "train_y": train_y,
-            "test_x": test_x, "test_y": test_y}
+    blob = {
+        "fingerprint": fingerprint,
+        "classes": classes,
+        "train_x": train_x,
+        "train_y": train_y,
+        "test_x": test_x,
+        "test_y": test_y,
+    }
     for folder in cache_dirs:
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            atomic_write(Path(folder) / cache_name, lambda p: torch.save(blob, p))
+            checkpoint.atomic_write(Path(folder) / cache_name, lambda p: torch.save(blob, p))
             break
         except OSError:
             continue
@@ -192,13 +217,19 @@ def load_image_tree(root, size, channels, cache_dirs):
 
 # ---------------------------------------------------------------- CIFAR
 
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles CIFAR batches, which hold only numpy arrays, lists and bytes.
 
     Anything else (a crafted file that would run code) is refused."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -219,8 +250,14 @@ def _unpickle_batch(raw, name):
 
 
 CIFAR_LAYOUTS = {  # name -> folder inside the archive, train files, test files, meta file, label key, names key
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", "labels", "label_names"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "labels",
+        "label_names",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
 }
 CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
@@ -266,7 +303,9 @@ def _read_cifar_archive(path, name):
             def read(file):
                 member = members.get(f"{folder}/{file}")
                 if member is None:
-                    raise DataError(f"{path}: {folder}/{file} is missing from the archive; is it the {name} python archive?")
+                    raise DataError(
+                        f"{path}: {folder}/{file} is missing from the archive; is it the {name} python archive?"
+                    )
                 return archive.extractfile(member).read()
 
             return _cifar_from_reader(read, str(path), name)
@@ -294,15 +333,20 @@ def load_cifar(name, data_dir, cache_dirs, image_size, download=True):
             raise DataError(
                 f"no {name} data in {data_dir} and the download failed ({str(error).splitlines()[0][:120]}). "
                 f"Put {CIFAR_ARCHIVES[name]} (or its extracted {folder}/, or a train/<class>/ + test/<class>/ "
-                f"image tree) in {data_dir}, or point --data-dir at it") from None
+                f"image tree) in {data_dir}, or point --data-dir at it"
+            ) from None
         return _read_cifar_folder(data_dir / folder, name)
     raise DataError(f"no {name} data in {data_dir}: put {CIFAR_ARCHIVES[name]} there, or point --data-dir at it")
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
 
-FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-                       "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+FASHION_MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
 
 
 def read_idx(path):
@@ -314,7 +358,7 @@ def read_idx(path):
         if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
             raise ValueError("bad magic number; not an unsigned-byte IDX file")
         dims = raw[3]
-        shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+        shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
         body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
         if body.size != int(np.prod(shape)):
             raise ValueError(f"holds {body.size} bytes of data, header says {shape}")
@@ -336,9 +380,14 @@ def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True):
         found = {key: _find_idx(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
         if all(found.values()):
             arrays = {key: read_idx(path) for key, path in found.items()}
-            return Splits(torch.from_numpy(arrays["train_x"].copy())[:, None], torch.from_numpy(arrays["train_y"].astype(np.int64)),
-                          torch.from_numpy(arrays["test_x"].copy())[:, None], torch.from_numpy(arrays["test_y"].astype(np.int64)),
-                          list(FASHION_MNIST_CLASSES), str(folder))
+            return Splits(
+                torch.from_numpy(arrays["train_x"].copy())[:, None],
+                torch.from_numpy(arrays["train_y"].astype(np.int64)),
+                torch.from_numpy(arrays["test_x"].copy())[:, None],
+                torch.from_numpy(arrays["test_y"].astype(np.int64)),
+                list(FASHION_MNIST_CLASSES),
+                str(folder),
+            )
     looked = ", ".join(str(f) for f in folders)
     if download:
         import torchvision
@@ -347,20 +396,25 @@ def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True):
             torchvision.datasets.FashionMNIST(str(data_dir), train=True, download=True)
             torchvision.datasets.FashionMNIST(str(data_dir), train=False, download=True)
         except Exception as error:
-            raise DataError(f"no Fashion-MNIST IDX files in {looked} and the download failed "
-                            f"({str(error).splitlines()[0][:120]}). Install them with "
-                            f"'apt-get install dataset-fashion-mnist', or put the four *-ubyte.gz files in "
-                            f"a folder and pass --data-dir") from None
+            raise DataError(
+                f"no Fashion-MNIST IDX files in {looked} and the download failed "
+                f"({str(error).splitlines()[0][:120]}). Install them with "
+                f"'apt-get install dataset-fashion-mnist', or put the four *-ubyte.gz files in "
+                f"a folder and pass --data-dir"
+            ) from None
         return load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=False)
     raise DataError(f"no Fashion-MNIST IDX files in {looked}")
 
 
 # ---------------------------------------------------------------- image folders
 
+
 def load_folder(name, data_dir, cache_dirs, image_size, download=True):
     if not is_image_tree(data_dir):
-        raise DataError(f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
-                        f"{data_dir}/test/<class>/*; point --data-dir at such a folder")
+        raise DataError(
+            f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
+            f"{data_dir}/test/<class>/*; point --data-dir at such a folder"
+        )
     return load_image_tree(data_dir, image_size, 3, cache_dirs)
 
 
@@ -373,6 +427,7 @@ DATASETS = {  # name -> loader(name, data_dir, cache_dirs, image_size, download)
 
 
 # ---------------------------------------------------------------- splits and batches
+
 
 def stratified_split(labels, val_size, seed):
     """Indices (train, val) with `val_size` validation items, classes in proportion.
@@ -432,10 +487,18 @@ def load(name, data_dir, cache_dirs=(), image_size=32, val_size=5000, seed=0, de
     train_idx, val_idx = stratified_split(splits.train_y, val_size, seed)
     train_x = splits.train_x[train_idx]
     mean, std = channel_stats(train_x)
-    return Data(train_x.to(device), splits.train_y[train_idx].to(device),
-                splits.train_x[val_idx].to(device), splits.train_y[val_idx].to(device),
-                splits.test_x.to(device), splits.test_y.to(device), list(splits.classes),
-                mean, std, splits.source)
+    return Data(
+        train_x.to(device),
+        splits.train_y[train_idx].to(device),
+        splits.train_x[val_idx].to(device),
+        splits.train_y[val_idx].to(device),
+        splits.test_x.to(device),
+        splits.test_y.to(device),
+        list(splits.classes),
+        mean,
+        std,
+        splits.source,
+    )
 
 
 def channel_stats(images):
@@ -455,8 +518,10 @@ def channel_stats(images):
 def _stats_on(mean, std, device):
     """Per-channel mean and std in uint8 units as tensors on `device`, made once:
     building them per batch would copy from the host, a sync on a GPU every step."""
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255,
-            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+    return (
+        torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255,
+        torch.tensor(std, device=device).view(1, -1, 1, 1) * 255,
+    )
 
 
 def normalize(images, mean, std, channels_last=True):
@@ -508,21 +573,22 @@ def alternating_flips(n, epoch, seed, device):
     return (half ^ (epoch % 2 == 0)).to(device)
 
 
-def train_batches(data, order, batch_size, padding, flip, generator, channels_last=True, start=0, part=(0, 1)):
+def train_batches(data, order, batch_size, padding, flip, generator, channels_last=True, start=0, shard=(0, 1)):
     """Augmented, normalised batches of one epoch, in the given `order` (a
     permutation of the training set), from step `start` on; the last partial
     batch is dropped. Augmentation draws from `generator`, so a run that
     restores the generator and the order continues exactly. flip: as in
     augment, with a tensor holding one entry per training image.
 
-    part = (rank, world): in a job of `world` processes, this one gets every
-    world-th image of each batch, from the rank-th on. Every process draws
-    the augmentation of the whole batch, so their generators stay in step and
-    the parts together are exactly the batch that one process would train on."""
-    rank, world = part
+    shard = (rank, world_size): in a job of world_size processes, this one
+    gets every world_size-th image of each batch, from the rank-th on. Every
+    process draws the augmentation of the whole batch, so their generators
+    stay in step and the shards together are exactly the batch that one
+    process would train on."""
+    rank, world = shard
     batch_size = min(batch_size, len(order))
     for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
-        index = order[first:first + batch_size]
+        index = order[first : first + batch_size]
         images = augment(data.train_x[index], padding, flip[index] if torch.is_tensor(flip) else flip, generator)
         yield normalize(images[rank::world], data.mean, data.std, channels_last), data.train_y[index][rank::world]
 

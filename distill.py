@@ -1,5 +1,5 @@
-"""Training objectives (plain cross-entropy, and distillation from a frozen
-teacher) and how they are optimised.
+"""Training objectives: plain cross-entropy, and distillation from a frozen
+teacher with one of several methods.
 
 An objective is an nn.Module whose forward(images, labels) returns
 (loss, student logits). The training loop optimises whatever parameters of the
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data
 import models
 
 METHODS = {}  # name -> class(config, student, teacher, sample), see Method
@@ -62,7 +63,7 @@ def kd_loss(student_logits, teacher_logits, temperature):
     of the temperature."""
     log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature ** 2
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
 class Method(nn.Module):
@@ -148,7 +149,7 @@ def dkd_parts(student_logits, teacher_logits, labels, temperature):
     log_student_rest = student.masked_fill(target, masked).log_softmax(1)
     log_teacher_rest = teacher.masked_fill(target, masked).log_softmax(1)
     nckd = (log_teacher_rest.exp() * (log_teacher_rest - log_student_rest)).masked_fill(target, 0).sum(1).mean()
-    return tckd * temperature ** 2, nckd * temperature ** 2
+    return tckd * temperature**2, nckd * temperature**2
 
 
 @register("dkd")
@@ -196,14 +197,19 @@ class FitNet(Method):
         self.weight = config["FITNET_WEIGHT"]
         student_shapes, teacher_shapes = feature_shapes(student, sample), feature_shapes(teacher, sample)
         self.student_stage, self.teacher_stage = len(student_shapes) // 2, len(teacher_shapes) // 2
-        (s_channels, *s_size), (t_channels, *t_size) = student_shapes[self.student_stage], teacher_shapes[self.teacher_stage]
+        (s_channels, *s_size), (t_channels, *t_size) = (
+            student_shapes[self.student_stage],
+            teacher_shapes[self.teacher_stage],
+        )
         self.size = (min(s_size[0], t_size[0]), min(s_size[1], t_size[1]))
         self.adapter = nn.Sequential(nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels))
 
     def loss(self, student_out, teacher_out, labels):
         hint = match_size(self.adapter(student_out["stages"][self.student_stage]), self.size)
         target = match_size(teacher_out["stages"][self.teacher_stage], self.size)
-        return self.cross_entropy(student_out["logits"], labels) + self.weight * F.mse_loss(hint.float(), target.float())
+        return self.cross_entropy(student_out["logits"], labels) + self.weight * F.mse_loss(
+            hint.float(), target.float()
+        )
 
 
 def attention_map(features, size):
@@ -224,13 +230,18 @@ class AT(Method):
         self.weight = config["AT_WEIGHT"]
         student_shapes, teacher_shapes = feature_shapes(student, sample), feature_shapes(teacher, sample)
         self.pairs = min(len(student_shapes), len(teacher_shapes))
-        self.sizes = [(min(s[1], t[1]), min(s[2], t[2]))
-                      for s, t in zip(student_shapes[-self.pairs:], teacher_shapes[-self.pairs:])]
+        self.sizes = [
+            (min(s[1], t[1]), min(s[2], t[2]))
+            for s, t in zip(student_shapes[-self.pairs :], teacher_shapes[-self.pairs :])
+        ]
 
     def loss(self, student_out, teacher_out, labels):
-        transfer = sum((attention_map(s, size) - attention_map(t, size)).pow(2).mean()
-                       for s, t, size in zip(student_out["stages"][-self.pairs:], teacher_out["stages"][-self.pairs:],
-                                             self.sizes))
+        transfer = sum(
+            (attention_map(s, size) - attention_map(t, size)).pow(2).mean()
+            for s, t, size in zip(
+                student_out["stages"][-self.pairs :], teacher_out["stages"][-self.pairs :], self.sizes
+            )
+        )
         return self.cross_entropy(student_out["logits"], labels) + self.weight * transfer
 
 
@@ -268,125 +279,24 @@ class Distillation(nn.Module):
         return self.method.loss(student_out, teacher_out, labels), student_out["logits"]
 
 
-# DKD's beta for the standard CIFAR-100 pairs, from the DKD paper's released configurations
-DKD_PAPER_BETA = {("resnet32x4", "resnet8x4"): 8.0, ("wrn_40_2", "wrn_16_2"): 6.0, ("resnet56", "resnet20"): 2.0,
-                  ("resnet110", "resnet32"): 2.0, ("vgg13", "vgg8"): 6.0}
-
-
-def paper_pair_settings(cfg):
-    """The paper recipe's settings that depend on the networks: lr 0.01 for
-    MobileNet and ShuffleNet students, and DKD's beta for the pair."""
-    if cfg["RECIPE"] != "paper":
-        return {}
-    settings = {"DKD_BETA": DKD_PAPER_BETA.get((cfg["TEACHER"], cfg["STUDENT"]), cfg["DKD_BETA"])}
-    if cfg["STUDENT"] in models.LIGHTWEIGHT:
-        settings["STUDENT_LR"] = 0.01
-    return settings
-
-
 def build_method(name, config, student, teacher, sample=None):
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name](config, student, teacher, sample)
 
 
-# ---------------------------------------------------------------- optimisation
-
-def sgd(params, lr, cfg):
-    return torch.optim.SGD(params, lr=lr, momentum=cfg["MOMENTUM"], nesterov=True)
-
-
-def adamw(params, lr, cfg):
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99))
-
-
-OPTIMIZERS = {"sgd": sgd, "adamw": adamw}  # name -> constructor(param groups, lr, config)
-
-
-def make_optimizer(objective, cfg, lr):
-    """The optimizer over every trainable parameter of the objective (the
-    student and any adapters of the method), without weight decay on biases
-    and norm parameters. The shift of a norm whose scale is fixed (as in
-    AirNet) learns BIAS_LR_SCALE times faster, as in airbench: those shifts are
-    the only thing such a norm learns, and they move far too slowly at the
-    weights' rate."""
-    trainable = [p for p in objective.parameters() if p.requires_grad]
-    shifts = {id(m.bias) for m in objective.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-              and m.affine and not m.weight.requires_grad}
-    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg["WEIGHT_DECAY"]},
-              {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in shifts], "weight_decay": 0.0},
-              {"params": [p for p in trainable if id(p) in shifts], "weight_decay": 0.0, "lr": lr * cfg["BIAS_LR_SCALE"]}]
-    return OPTIMIZERS[cfg["OPTIMIZER"]]([group for group in groups if group["params"]], lr, cfg)
-
-
-class Lookahead:
-    """Airbench's lookahead: every `every` steps, and after the last one, the
-    model's weights (and batch-norm statistics) move to an exponential moving
-    average of themselves, whose decay rises from 0 to 0.95^5 as progress^3,
-    so the model ends as that average. Late in training this averages out the
-    noise of the last steps, which a short schedule has no time to anneal
-    away. A run gets at least 20 of these pulls (`every` shrinks for short
-    runs), so that the average never lags far behind. Its state goes into the
-    resume file."""
-
-    def __init__(self, model, total_steps, every):
-        self.model, self.total_steps = model, total_steps
-        self.every = max(1, min(every, total_steps // 20))
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
-
-    @torch.no_grad()
-    def step(self, step):
-        """Call after optimizer step number `step` (counted from 1)."""
-        if step % self.every and step < self.total_steps:
-            return
-        decay = 0.95 ** 5 * (step / self.total_steps) ** 3
-        current = self.model.state_dict()
-        for name, average in self.average.items():
-            average.lerp_(current[name], 1 - decay)
-            current[name].copy_(average)
-
-    def state_dict(self):
-        return self.average
-
-    def load_state_dict(self, state):
-        for name, average in self.average.items():
-            average.copy_(state[name])
-
-
-def linear_decay(step, total_steps, warmup, milestones):
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-
-def step_decay(step, total_steps, warmup, milestones):
-    return 0.1 ** sum(step >= round(m * total_steps) for m in milestones)
-
-
-SCHEDULES = {"linear": linear_decay, "step": step_decay}  # name -> lr multiplier after the warm-up
-
-
-def lr_multiplier(total_steps, warmup_fraction, schedule="linear", milestones=()):
-    """LR multiplier per step: a linear warm-up over `warmup_fraction` of the
-    steps (at least one), then the schedule: linear decay to zero, or x0.1 at
-    each milestone (fractions of the steps)."""
-    warmup = max(1, round(total_steps * warmup_fraction))
-    after = SCHEDULES[schedule]
-
-    def multiplier(step):
-        return (step + 1) / warmup if step < warmup else after(step, total_steps, warmup, milestones)
-
-    return multiplier
-
-
-def autocast_for(device, amp):
-    """A zero-argument context factory: bf16 autocast where asked and useful.
-
-    'auto' turns bf16 on for CUDA and for CPUs with native bf16 (AVX512-BF16 or
-    AMX); on other CPUs bf16 convolutions fall back to slow reference kernels."""
-    if amp == "auto":
-        if device.type == "cuda":
-            enabled = torch.cuda.is_bf16_supported()
-        else:
-            enabled = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    else:
-        enabled = amp == "bf16"
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), enabled
+def build_objective(cfg, model_name, dataset, device, teacher=None):
+    """The objective of one stage, on `device`: a fresh `model_name` network
+    (seeded with SEED and initialised from the training images), trained with
+    cross-entropy, or against `teacher` with cfg's METHOD."""
+    torch.manual_seed(cfg["SEED"])
+    memory_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
+    model = models.build(model_name, len(dataset.classes), dataset.in_channels, dropout=cfg["DROPOUT"])
+    model = model.to(device, memory_format=memory_format)
+    model.init_from_data(data.normalize(dataset.train_x[:5000], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]))
+    if teacher is None:
+        return Supervised(model, cfg["LABEL_SMOOTHING"])
+    teacher = teacher.to(device, memory_format=memory_format)
+    sample = data.normalize(dataset.train_x[:8], dataset.mean, dataset.std, cfg["CHANNELS_LAST"])
+    method = build_method(cfg["METHOD"], cfg, model, teacher, sample)
+    return Distillation(model, teacher, method).to(device, memory_format=memory_format)

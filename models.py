@@ -11,9 +11,6 @@ This file knows nothing of data or training. Constructors take
 architecture allows.
 """
 
-import copy
-import time
-
 import torch
 from torch import nn
 
@@ -161,7 +158,9 @@ AIRNET_WIDTHS = {  # name -> widths of the three stages
     "airnet_xl": (64, 256, 256),
 }
 for _name, _widths in AIRNET_WIDTHS.items():
-    register(_name)(lambda num_classes, in_channels=3, dropout=0.0, _w=_widths: AirNet(num_classes, in_channels, dropout, _w))
+    register(_name)(
+        lambda num_classes, in_channels=3, dropout=0.0, _w=_widths: AirNet(num_classes, in_channels, dropout, _w)
+    )
 
 
 # ---------------------------------------------------------------- the standard CIFAR zoo
@@ -181,8 +180,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -198,8 +198,11 @@ class CifarResNet(Classifier):
     def __init__(self, num_classes, in_channels=3, dropout=0.0, depth=20, widths=(16, 16, 32, 64)):
         super().__init__(dropout)
         blocks = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
         self.stages = nn.ModuleList()
         previous = widths[0]
         for index, width in enumerate(widths[1:]):
@@ -212,11 +215,17 @@ class CifarResNet(Classifier):
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
-    register(f"resnet{_depth}")(lambda num_classes, in_channels=3, dropout=0.0, _d=_depth:
-                                CifarResNet(num_classes, in_channels, dropout, _d, (16, 16, 32, 64)))
+    register(f"resnet{_depth}")(
+        lambda num_classes, in_channels=3, dropout=0.0, _d=_depth: CifarResNet(
+            num_classes, in_channels, dropout, _d, (16, 16, 32, 64)
+        )
+    )
 for _depth in (8, 32):
-    register(f"resnet{_depth}x4")(lambda num_classes, in_channels=3, dropout=0.0, _d=_depth:
-                                  CifarResNet(num_classes, in_channels, dropout, _d, (32, 64, 128, 256)))
+    register(f"resnet{_depth}x4")(
+        lambda num_classes, in_channels=3, dropout=0.0, _d=_depth: CifarResNet(
+            num_classes, in_channels, dropout, _d, (32, 64, 128, 256)
+        )
+    )
 
 
 class WideBlock(nn.Module):
@@ -259,8 +268,11 @@ class WideResNet(Classifier):
 
 
 for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    register(f"wrn_{_depth}_{_widen}")(lambda num_classes, in_channels=3, dropout=0.0, _d=_depth, _k=_widen:
-                                       WideResNet(num_classes, in_channels, dropout, _d, _k))
+    register(f"wrn_{_depth}_{_widen}")(
+        lambda num_classes, in_channels=3, dropout=0.0, _d=_depth, _k=_widen: WideResNet(
+            num_classes, in_channels, dropout, _d, _k
+        )
+    )
 
 
 class VGG(Classifier):
@@ -275,24 +287,36 @@ class VGG(Classifier):
         for index, widths in enumerate(blocks):
             layers = [nn.MaxPool2d(2)] if index > 0 else []
             for width in widths:
-                layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(previous, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
                 previous = width
             self.stages.append(nn.Sequential(*layers))
         self.head = nn.Linear(previous, num_classes)
 
 
 VGG_BLOCKS = {  # name -> convolutions per block (widths 64, 128, 256, 512, 512)
-    "vgg8": (1, 1, 1, 1, 1), "vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2),
-    "vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4),
+    "vgg8": (1, 1, 1, 1, 1),
+    "vgg11": (1, 1, 2, 2, 2),
+    "vgg13": (2, 2, 2, 2, 2),
+    "vgg16": (2, 2, 3, 3, 3),
+    "vgg19": (2, 2, 4, 4, 4),
 }
 for _name, _counts in VGG_BLOCKS.items():
-    register(_name)(lambda num_classes, in_channels=3, dropout=0.0, _c=_counts: VGG(
-        num_classes, in_channels, dropout, tuple((w,) * n for w, n in zip((64, 128, 256, 512, 512), _c))))
+    register(_name)(
+        lambda num_classes, in_channels=3, dropout=0.0, _c=_counts: VGG(
+            num_classes, in_channels, dropout, tuple((w,) * n for w, n in zip((64, 128, 256, 512, 512), _c))
+        )
+    )
 
 
 def conv_bn(in_channels, out_channels, kernel=1, stride=1, groups=1, relu=True):
-    layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
-              nn.BatchNorm2d(out_channels)]
+    layers = [
+        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels),
+    ]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
@@ -303,8 +327,11 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = in_channels * expansion
         self.residual = stride == 1 and in_channels == out_channels
-        self.body = nn.Sequential(conv_bn(in_channels, hidden), conv_bn(hidden, hidden, 3, stride, groups=hidden),
-                                  conv_bn(hidden, out_channels, relu=False))
+        self.body = nn.Sequential(
+            conv_bn(in_channels, hidden),
+            conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            conv_bn(hidden, out_channels, relu=False),
+        )
 
     def forward(self, x):
         return x + self.body(x) if self.residual else self.body(x)
@@ -317,8 +344,15 @@ class MobileNetV2(Classifier):
 
     feature_stages = (1, 2, 4, 6)  # the stages that change resolution or end the network
 
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                (6, 320, 1, 1))  # expansion, width, blocks, stride of the first block
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )  # expansion, width, blocks, stride of the first block
 
     def __init__(self, num_classes, in_channels=3, dropout=0.0, width=0.5):
         super().__init__(dropout)
@@ -376,8 +410,11 @@ class ShuffleNetV1(Classifier):
         for index, (width, count) in enumerate(zip(widths, blocks)):
             layers = []
             for block in range(count):
-                layers.append(ShuffleV1Block(previous, width, 2 if block == 0 else 1, groups,
-                                             first_groups=not (index == 0 and block == 0)))
+                layers.append(
+                    ShuffleV1Block(
+                        previous, width, 2 if block == 0 else 1, groups, first_groups=not (index == 0 and block == 0)
+                    )
+                )
                 previous = width
             self.stages.append(nn.Sequential(*layers))
         self.head = nn.Linear(previous, num_classes)
@@ -392,12 +429,16 @@ class ShuffleV2Block(nn.Module):
         self.stride = stride
         branch = out_channels // 2
         main_in = in_channels if stride == 2 else in_channels // 2
-        self.main = nn.Sequential(conv_bn(main_in, branch), conv_bn(branch, branch, 3, stride, groups=branch, relu=False),
-                                  conv_bn(branch, branch))
+        self.main = nn.Sequential(
+            conv_bn(main_in, branch),
+            conv_bn(branch, branch, 3, stride, groups=branch, relu=False),
+            conv_bn(branch, branch),
+        )
         self.side = None
         if stride == 2:
-            self.side = nn.Sequential(conv_bn(in_channels, in_channels, 3, 2, groups=in_channels, relu=False),
-                                      conv_bn(in_channels, branch))
+            self.side = nn.Sequential(
+                conv_bn(in_channels, in_channels, 3, 2, groups=in_channels, relu=False), conv_bn(in_channels, branch)
+            )
 
     def forward(self, x):
         if self.side is None:
@@ -424,11 +465,12 @@ class ShuffleNetV2(Classifier):
         self.head = nn.Linear(1024, num_classes)
 
 
-# Models that the benchmark recipe trains with a lower learning rate (0.01)
-LIGHTWEIGHT = {"mobilenetv2", "shufflenetv1", "shufflenetv2"}
-
-register("shufflenetv1")(lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV1(num_classes, in_channels, dropout))
-register("shufflenetv2")(lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV2(num_classes, in_channels, dropout))
+register("shufflenetv1")(
+    lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV1(num_classes, in_channels, dropout)
+)
+register("shufflenetv2")(
+    lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV2(num_classes, in_channels, dropout)
+)
 
 
 def probabilities(model, images, tta=False):
@@ -438,65 +480,3 @@ def probabilities(model, images, tta=False):
     if tta:
         probs = (probs + model(images.flip(-1)).float().softmax(1)) / 2
     return probs
-
-
-def _median_seconds(run, repeats):
-    """Median wall time of `repeats` calls of `run`: robust to the odd slow call."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def cpu_speed(model, in_channels, image_size):
-    """Inference speed on the CPU in float32, whatever device trained the model:
-    median latency at batch 1 (ms) and throughput at batch 256 (images/s)."""
-    model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.channels_last)
-    single = torch.randn(1, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    batch = torch.randn(256, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for _ in range(5):
-            model(single)
-        latency_ms = _median_seconds(lambda: model(single), 30) * 1000
-        model(batch)
-        throughput = 256 / _median_seconds(lambda: model(batch), 3)
-    return latency_ms, throughput
-
-
-def checkpoint_model(checkpoint):
-    """Rebuild the model a checkpoint describes and load its weights.
-
-    Raises ValueError with a readable reason when the checkpoint does not fit
-    (unknown model, weights of another shape)."""
-    try:
-        model = build(checkpoint["model"], checkpoint["num_classes"], checkpoint["in_channels"])
-    except KeyError as error:
-        raise ValueError(error.args[0]) from None
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        reason = first[1].strip() if len(first) > 1 else first[0]
-        raise ValueError(f"its weights do not fit model {checkpoint['model']!r} with "
-                         f"{checkpoint['num_classes']} classes ({reason})") from None
-    return model
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict safely (weights_only) and check its keys.
-
-    Raises ValueError with a one-line reason for anything that is not one of
-    our checkpoints."""
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"not a readable checkpoint ({reason[:200]})") from None
-    required = ("model", "state_dict", "num_classes", "in_channels", "classes")
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
-        raise ValueError("not a checkpoint of this repo (keys model, state_dict, num_classes, ... are missing)")
-    return checkpoint

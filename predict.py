@@ -25,23 +25,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoint
 import config
 import data
 import models
+import runtime
 
 PROG = "predict.py"
 
 
 def add_arguments(parser):
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of images")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint to use (default: OUT_DIR/DATASET/distilled.pt)")
-    parser.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to use (default: OUT_DIR/DATASET/distilled.pt)")
+    parser.add_argument("--top-k", type=int, default=1, help="how many classes to show per image (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     parser.add_argument("--recursive", action="store_true", help="also read images in subfolders")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--evaluate", action="store_true",
-                        help="treat each folder as <class>/<images> and report accuracy and a confusion summary")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="treat each folder as <class>/<images> and report accuracy and a confusion summary",
+    )
 
 
 def usage_error(message):
@@ -52,15 +56,18 @@ def usage_error(message):
 def load_model(path, default_used, dataset, device):
     """The checkpoint's model in eval mode, and the checkpoint dict."""
     if not Path(path).is_file():
-        how = (f"train one with: python3 train.py --dataset {dataset}" if default_used
-               else "check the path given to --checkpoint")
+        how = (
+            f"train one with: python3 train.py --dataset {dataset}"
+            if default_used
+            else "check the path given to --checkpoint"
+        )
         usage_error(f"no checkpoint at {path}; {how}")
     try:
-        checkpoint = models.load_checkpoint(path)
-        model = models.checkpoint_model(checkpoint)
+        saved = checkpoint.load(path)
+        model = checkpoint.build_model(saved)
     except (ValueError, OSError) as error:
         usage_error(f"{path}: {error}")
-    return model.to(device).eval().to(memory_format=torch.channels_last), checkpoint
+    return model.to(device).eval().to(memory_format=torch.channels_last), saved
 
 
 def expand(paths, recursive, evaluate):
@@ -108,10 +115,14 @@ def classify(items, model, checkpoint, device, batch_size):
     size, channels = checkpoint["image_size"], checkpoint["in_channels"]
     with ThreadPoolExecutor() as pool:
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+            chunk = items[start : start + batch_size]
             decoded = list(pool.map(lambda item: item[1] or read_image(item[0], size, channels), chunk))
             good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            probs = predict(model, torch.from_numpy(np.stack([decoded[i] for i in good])), checkpoint, device) if good else None
+            probs = (
+                predict(model, torch.from_numpy(np.stack([decoded[i] for i in good])), checkpoint, device)
+                if good
+                else None
+            )
             rows = {i: probs[k] for k, i in enumerate(good)}
             for i, (path, _) in enumerate(chunk):
                 yield (path, rows[i], None) if i in rows else (path, None, decoded[i])
@@ -121,10 +132,15 @@ def confusion_summary(labels, predicted, classes):
     """Overall accuracy and, per class, its accuracy and the class it is most often mistaken for."""
     n = len(classes)
     matrix = torch.zeros(n, n, dtype=torch.int64)
-    matrix.index_put_((torch.tensor(labels, dtype=torch.int64), torch.tensor(predicted, dtype=torch.int64)),
-                      torch.ones(len(labels), dtype=torch.int64), accumulate=True)
-    lines = [f"accuracy {matrix.diag().sum().item() / max(1, len(labels)):.2%} on {len(labels)} images",
-             f"{'class':>16} {'images':>7} {'accuracy':>9}  most often mistaken for"]
+    matrix.index_put_(
+        (torch.tensor(labels, dtype=torch.int64), torch.tensor(predicted, dtype=torch.int64)),
+        torch.ones(len(labels), dtype=torch.int64),
+        accumulate=True,
+    )
+    lines = [
+        f"accuracy {matrix.diag().sum().item() / max(1, len(labels)):.2%} on {len(labels)} images",
+        f"{'class':>16} {'images':>7} {'accuracy':>9}  most often mistaken for",
+    ]
     for c in range(n):
         total = int(matrix[c].sum())
         if total == 0:
@@ -138,13 +154,12 @@ def confusion_summary(labels, predicted, classes):
 
 
 def main(argv=None):
-    cfg = config.parse(argv, description=__doc__.split("\n\n")[0], names=["OUT_DIR", "DATASET", "DEVICE"],
-                       extra=add_arguments)
+    cfg = config.parse(argv, __doc__.split("\n\n")[0], names=["OUT_DIR", "DATASET", "DEVICE"], extra=add_arguments)
     if cfg["top_k"] < 1:
         config.fail("top-k", f"must be >= 1 (got {cfg['top_k']})", PROG)
     if cfg["batch_size"] < 1:
         config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
-    device = config.device(cfg["DEVICE"], PROG)
+    device = runtime.device(cfg["DEVICE"], PROG)
     default_path = Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt"
     model, checkpoint = load_model(cfg["checkpoint"] or default_path, cfg["checkpoint"] is None, cfg["DATASET"], device)
     classes = checkpoint["classes"]
@@ -152,9 +167,11 @@ def main(argv=None):
     if cfg["evaluate"]:
         unknown = sorted({p.parent.name for p, error in items if error is None} - set(classes))
         if unknown:
-            usage_error(f"--evaluate needs <class>/<image> folders named after the checkpoint's classes; "
-                        f"{', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not among "
-                        f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}")
+            usage_error(
+                f"--evaluate needs <class>/<image> folders named after the checkpoint's classes; "
+                f"{', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not among "
+                f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}"
+            )
 
     k = min(cfg["top_k"], len(classes))
     started = time.perf_counter()
@@ -166,7 +183,9 @@ def main(argv=None):
             results.append({"file": str(path), "error": error})
             continue
         top = probs.topk(k)
-        ranked = [{"class": classes[i], "index": int(i), "prob": round(float(p), 6)} for p, i in zip(top.values, top.indices)]
+        ranked = [
+            {"class": classes[i], "index": int(i), "prob": round(float(p), 6)} for p, i in zip(top.values, top.indices)
+        ]
         results.append({"file": str(path), "predictions": ranked})
         if cfg["evaluate"]:
             labels.append(classes.index(path.parent.name))
@@ -177,8 +196,11 @@ def main(argv=None):
         print(json.dumps(results, indent=1))
     if cfg["evaluate"]:
         seconds = time.perf_counter() - started
-        print(f"{confusion_summary(labels, predicted, classes)}\n{len(items)} files in {seconds:.1f} s "
-              f"({len(items) / seconds:,.0f} images/s, decoding included)", file=sys.stderr if cfg["json"] else sys.stdout)
+        print(
+            f"{confusion_summary(labels, predicted, classes)}\n{len(items)} files in {seconds:.1f} s "
+            f"({len(items) / seconds:,.0f} images/s, decoding included)",
+            file=sys.stderr if cfg["json"] else sys.stdout,
+        )
     return 1 if failures else 0
 
 

@@ -12,61 +12,96 @@ Each stage writes OUT_DIR/<dataset>/<stage>.pt (checkpoint) and <stage>.jsonl
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
-import random
 import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import config
 import data
 import distill
 import models
+import optim
+import runtime
 
 STAGES = ("teacher", "student", "distilled")
 
+# ---------------------------------------------------------------- distributed (torchrun)
+# torchrun starts one process per GPU (on one or several machines) and tells
+# each its rank. Every process trains on its share of each batch and DDP
+# averages the gradients, so BATCH_SIZE and LR mean the same whatever the
+# number of processes; the master process alone evaluates, prints and writes.
 
-# ---------------------------------------------------------------- small helpers
-
-def save_text(path, text):
-    data.atomic_write(path, lambda p: p.write_text(text))
-
-
-@torch.no_grad()
-def evaluate(model, images, labels, mean, std, batch_size=1024, tta=False, autocast=contextlib.nullcontext,
-             channels_last=True):
-    """Top-1 accuracy of `model` on uint8 images. With tta, the softmax of each
-    image and of its mirror are averaged. One host sync, at the end."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for start in range(0, len(labels), batch_size):
-        batch = data.normalize(images[start:start + batch_size], mean, std, channels_last)
-        with autocast():
-            probs = models.probabilities(model, batch, tta)
-        correct += (probs.argmax(1) == labels[start:start + batch_size]).sum()
-    model.train(was_training)
-    return correct.item() / max(1, len(labels))
+ddp_rank = int(os.environ.get("RANK", 0))
+ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
+ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
+ddp = ddp_world_size > 1
+master_process = ddp_rank == 0
 
 
-def percent(fraction):
-    """A fraction as a percentage, or 'n/a' when there is none (no validation split)."""
-    return "n/a" if fraction is None else f"{fraction:.2%}"
+def ddp_init(device):
+    """Join the torchrun job, if there is one; returns this process's device."""
+    if not ddp:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", ddp_local_rank)
+        torch.cuda.set_device(device)
+    # the others wait for the master while it downloads or decodes the data: longer than NCCL's 10-minute default
+    torch.distributed.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(hours=1),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return device
 
 
-def stage_path(out_dir, stage, suffix=".pt"):
-    return Path(out_dir) / f"{stage}{suffix}"
+@contextlib.contextmanager
+def in_turns():
+    """Run the block (a download, a cache to build) first on the master, then on
+    the first process of every other machine, then on the rest: each finds the
+    files the ones before it wrote, where they share a folder."""
+    turn = 0 if master_process else 1 if ddp_local_rank == 0 else 2
+    for _ in range(turn if ddp else 0):
+        torch.distributed.barrier()
+    yield
+    for _ in range(2 - turn if ddp else 0):
+        torch.distributed.barrier()
 
 
-# ---------------------------------------------------------------- interruption and resume
+def ddp_sum(sums):
+    """An epoch's running sums over every process, in place; the first
+    non-finite step is the earliest any process saw (DDP spreads a non-finite
+    gradient to every process one step later)."""
+    never = torch.iinfo(torch.int64).max
+    seen = torch.tensor(sums.seen, device=sums.correct.device)
+    first_bad = torch.where(sums.first_bad < 0, never, sums.first_bad)
+    for tensor, op in ((sums.loss_sum, "SUM"), (sums.correct, "SUM"), (seen, "SUM"), (first_bad, "MIN")):
+        torch.distributed.all_reduce(tensor, getattr(torch.distributed.ReduceOp, op))
+    sums.first_bad = torch.where(first_bad == never, -1, first_bad)
+    sums.loss_sum /= ddp_world_size
+    sums.seen = int(seen)
+
+
+def ddp_agreed_stop(device):
+    """The signal that asked to stop, as every process hears it: a signal may
+    reach the processes at different steps, so they agree at the end of each epoch."""
+    if not ddp:
+        return STOP["signal"]
+    stop = torch.tensor(STOP["signal"] or 0, device=device)
+    torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
+    return int(stop) or None
+
+
+# ---------------------------------------------------------------- interruption
+
 
 class TrainingError(Exception):
     """Training cannot go on (the loss diverged, a checkpoint is in the way...)."""
@@ -92,351 +127,449 @@ def request_stop(signum, frame):
     if STOP["signal"] is not None:  # a second signal: stop now
         raise KeyboardInterrupt
     STOP["signal"] = signum
-    unit = "epoch" if job_size() > 1 else "step"  # a torchrun job stops between epochs
-    tqdm.write(f"\n{signal.Signals(signum).name}: finishing the current {unit}, then saving progress "
-               f"(send it again to stop at once)")
+    unit = "epoch" if ddp else "step"  # a torchrun job stops between epochs
+    tqdm.write(
+        f"\n{signal.Signals(signum).name}: finishing the current {unit}, then saving progress "
+        f"(send it again to stop at once)"
+    )
 
 
-def rng_states(generator):
-    """Every random state that training draws from, in a weights_only-safe form."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, gauss],
-            "torch": torch.get_rng_state(), "data": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng_states(states, generator):
-    random.setstate(states["python"])
-    name, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["data"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-# Settings that may change between a run and its resumption: where things are,
-# what runs, and how fast. Every other setting must be the same.
-RUNTIME_KEYS = {"DATA_DIR", "DOWNLOAD", "OUT_DIR", "STAGES", "FRESH", "RESUME", "DEVICE", "AMP", "CHANNELS_LAST",
-                "COMPILE", "THREADS", "DETERMINISTIC", "RECIPE"}
-
-
-def json_safe(cfg):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
-
-def trainable_state(objective):
-    """The objective's state without the frozen teacher: the network being
-    trained and any adapters of the method."""
-    return {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")}
-
-
-# ---------------------------------------------------------------- several processes (torchrun)
-
-def job_size():
-    """The number of processes of the torchrun job this process belongs to (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def join_job(device):
-    """(rank, world size, device) of this process in the torchrun job that
-    started it, or (0, 1, device) when it runs alone. Each process of a job
-    trains on its own part of every batch (data.train_batches) and DDP averages
-    the gradients, so BATCH_SIZE and LR mean the same whatever the number of
-    processes; rank 0 alone evaluates, prints and writes files."""
-    world = job_size()
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    # the others wait for rank 0 while it downloads or decodes the data: longer than NCCL's 10-minute default
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
-                                         device_id=device if device.type == "cuda" else None)
-    return torch.distributed.get_rank(), world, device
-
-
-@contextlib.contextmanager
-def in_turns(rank, world):
-    """Run the block (a download, a cache to build) first on rank 0, then on
-    the first process of every other machine, then on the rest: each finds
-    the files the ones before it wrote, where they share a folder."""
-    if world == 1:
-        yield
-        return
-    turn = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 2
-    for _ in range(turn):
-        torch.distributed.barrier()
-    yield
-    for _ in range(2 - turn):
-        torch.distributed.barrier()
-
-
-def sum_over_processes(partial, world):
-    """An epoch's running sums over every process of the job, in place; the
-    first non-finite step is the earliest any process saw (DDP spreads a
-    non-finite gradient to every process one step later)."""
-    if world == 1:
-        return
-    never = torch.iinfo(torch.int64).max
-    partial["seen"] = torch.tensor(partial["seen"], device=partial["correct"].device)
-    partial["first_bad"] = torch.where(partial["first_bad"] < 0, never, partial["first_bad"])
-    for key, op in (("loss_sum", "SUM"), ("correct", "SUM"), ("seen", "SUM"), ("first_bad", "MIN")):
-        torch.distributed.all_reduce(partial[key], getattr(torch.distributed.ReduceOp, op))
-    partial["first_bad"] = torch.where(partial["first_bad"] == never, -1, partial["first_bad"])
-    partial["loss_sum"] /= world
-    partial["seen"] = int(partial["seen"])
-
-
-def check_replicas(model, world):
-    """Stop if the processes' copies of the trained weights differ: DDP keeps
-    them identical, so a difference means the job did not train one model."""
-    if world == 1:
-        return
-    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-    totals = [torch.zeros_like(total) for _ in range(world)]
-    torch.distributed.all_gather(totals, total)
-    if any(t != totals[0] for t in totals):
-        raise TrainingError(f"the {world} processes ended with different weights ({[float(t) for t in totals]}); "
-                            f"this is a bug, please report it")
-
-
-def agreed_stop(world, device):
-    """The signal that asked to stop, as every process of the job hears it: a
-    signal may reach the processes at different steps, so they agree at the
-    end of each epoch."""
-    if world == 1:
-        return STOP["signal"]
-    flag = torch.tensor(STOP["signal"] or 0, device=device)
-    torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-    return int(flag) or None
+def resume_command():
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
+    command = shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
+    return command + (" (through the same torchrun command)" if ddp else "")
 
 
 # ---------------------------------------------------------------- one stage
 
-def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None, resume=None, part=(0, 1)):
-    """Train one network (teacher, student, or distilled student) and save it.
 
-    The same loop serves every stage: only the objective differs (cross-entropy,
-    or a distillation method against the frozen teacher). After every epoch,
-    and when a signal asks to stop, the whole training state goes to
-    <stage>.last.pt, from which `resume` (that file's contents) continues.
-    `teacher_digest` identifies the teacher's checkpoint, so that a distilled
-    run is never resumed against another teacher. part = (rank, world): this
-    process in a torchrun job (see join_job). Returns the stage's metrics on
-    rank 0, and None on the others once rank 0 has saved the checkpoint."""
-    rank, world = part
-    epochs = cfg["EPOCHS"][STAGES.index(stage)]
-    model_name = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
-    torch.manual_seed(cfg["SEED"])
-    model = models.build(model_name, len(dataset.classes), dataset.in_channels, dropout=cfg["DROPOUT"])
-    memory_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    model.init_from_data(data.normalize(dataset.train_x[:5000], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]))
-    if teacher is None:
-        objective = distill.Supervised(model, cfg["LABEL_SMOOTHING"])
-    else:
-        teacher = teacher.to(device, memory_format=memory_format)
-        sample = data.normalize(dataset.train_x[:8], dataset.mean, dataset.std, cfg["CHANNELS_LAST"])
-        method = distill.build_method(cfg["METHOD"], cfg, model, teacher, sample)
-        objective = distill.Distillation(model, teacher, method).to(device, memory_format=memory_format)
-    lr = cfg["LR"] if stage == "teacher" else cfg["STUDENT_LR"] or cfg["LR"]
-    optimizer = distill.make_optimizer(objective, cfg, lr)
-    steps = data.steps_per_epoch(dataset, cfg["BATCH_SIZE"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, distill.lr_multiplier(
-        epochs * steps, cfg["WARMUP"], cfg["LR_SCHEDULE"], cfg["LR_MILESTONES"]))
-    lookahead = (distill.Lookahead(model, epochs * steps, every=max(1, round(5120 / cfg["BATCH_SIZE"])))
-                 if cfg["LOOKAHEAD"] else None)  # every 5,120 images: airbench's 5 steps of 1,024
-    autocast, amp_on = distill.autocast_for(device, cfg["AMP"])
-    trained = objective if world == 1 else torch.nn.parallel.DistributedDataParallel(objective)
-    step_fn = torch.compile(trained) if cfg["COMPILE"] else trained
-    generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
-    params = models.count_params(model)
-    last_path = stage_path(out_dir, stage, ".last.pt")
+@torch.no_grad()
+def evaluate(
+    model, images, labels, mean, std, batch_size=1024, tta=False, autocast=contextlib.nullcontext, channels_last=True
+):
+    """Top-1 accuracy of `model` on uint8 images. With tta, the softmax of each
+    image and of its mirror are averaged. One host sync, at the end."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    for start in range(0, len(labels), batch_size):
+        batch = data.normalize(images[start : start + batch_size], mean, std, channels_last)
+        with autocast():
+            probs = models.probabilities(model, batch, tta)
+        correct += (probs.argmax(1) == labels[start : start + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / max(1, len(labels))
 
-    epoch, step, log, elapsed = 1, 0, [], 0.0
-    best = {"acc": -1.0, "epoch": 0, "state": None}
-    if resume is not None:
-        try:
-            objective.load_state_dict({**objective.state_dict(), **resume["trainable"]})
-        except RuntimeError:
-            raise TrainingError(f"{last_path}: its weights do not fit {model_name} as this version of models.py builds "
-                                f"it (saved by an older version?); pass --fresh to start the stage over",
-                                exit_code=2) from None
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if lookahead is not None:  # a file from before lookahead has no average: it starts at the resumed weights
-            lookahead.load_state_dict(resume.get("lookahead") or model.state_dict())
-        restore_rng_states(resume["rng"], generator)
-        epoch, step, log, elapsed, best = resume["epoch"], resume["step"], resume["log"], resume["elapsed"], resume["best"]
-        partial = resume["partial"]
-    print(f"\n== {stage}: {model_name} ({params:,} params) on {device}{', bf16' if amp_on else ''}, "
-          f"{epochs} epochs of {steps} steps, {len(dataset.train_y):,} train / {len(dataset.val_y):,} val images"
-          + (f"; resuming at epoch {epoch}, step {step}" if resume is not None else ""))
 
-    def save_progress(next_epoch, next_step, partial):
-        if rank > 0:
-            return
-        state = {"stage": stage, "config": json_safe(cfg), "device": device.type, "teacher": teacher_digest,
-                 "epoch": next_epoch, "step": next_step,
-                 "trainable": trainable_state(objective), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng_states(generator), "log": log,
-                 "lookahead": None if lookahead is None else lookahead.state_dict(),
-                 "elapsed": elapsed + time.perf_counter() - started, "best": best, "partial": partial}
-        data.atomic_write(last_path, lambda p: torch.save(state, p))
+def percent(fraction):
+    """A fraction as a percentage, or 'n/a' when there is none (no validation split)."""
+    return "n/a" if fraction is None else f"{fraction:.2%}"
 
-    started = time.perf_counter()
-    bar = tqdm(total=epochs * steps, initial=(epoch - 1) * steps + step, desc=stage, unit="step", dynamic_ncols=True,
-               leave=False, disable=None if rank == 0 else True)  # none when stderr is not a terminal
-    while epoch <= epochs:
-        if step == 0:  # a new epoch: new order, fresh running sums
-            partial = {"order": torch.randperm(len(dataset.train_y), device=device, generator=generator),
-                       "loss_sum": torch.zeros((), device=device), "first_bad": torch.full((), -1, device=device),
-                       "correct": torch.zeros((), dtype=torch.int64, device=device), "seen": 0, "seconds": 0.0}
-            if world > 1:  # one order for the whole job, even where GPUs of another kind would draw another
-                torch.distributed.broadcast(partial["order"], 0)
-        elif rank > 0:  # a resumed epoch's running sums so far are counted once, by rank 0
-            partial.update(loss_sum=torch.zeros(()), correct=torch.zeros((), dtype=torch.int64), seen=0)
-        partial = {k: v.to(device) if torch.is_tensor(v) else v for k, v in partial.items()}
-        if world > 1:  # each process its own dropout masks, the same again when the job resumes at this epoch
-            torch.manual_seed(cfg["SEED"] + 1000 * epoch + rank)
-        epoch_start = time.perf_counter()
-        objective.train()
-        objective.set_progress(epoch / epochs)  # the fraction of training done when this epoch ends
-        flip = (data.alternating_flips(len(dataset.train_y), epoch, cfg["SEED"], device)
-                if cfg["FLIP"] and cfg["ALTERNATE_FLIP"] else cfg["FLIP"])
-        for images, labels in data.train_batches(dataset, partial["order"], cfg["BATCH_SIZE"], cfg["CROP_PADDING"],
-                                                 flip, generator, cfg["CHANNELS_LAST"], start=step, part=part):
-            with autocast():
-                loss, logits = step_fn(images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss = loss.detach()
-            # remember the first non-finite step without a host sync; checked once per epoch
-            partial["first_bad"] = torch.where((partial["first_bad"] < 0) & ~torch.isfinite(loss), step, partial["first_bad"])
-            partial["loss_sum"] += loss
-            partial["correct"] += (logits.argmax(1) == labels).sum()
-            partial["seen"] += len(labels)
-            step += 1
-            if lookahead is not None:
-                lookahead.step((epoch - 1) * steps + step)
-            bar.update()
-            if STOP["signal"] is not None and step < steps and world == 1:  # a job stops at the epoch's end
-                healthy = int(partial["first_bad"]) < 0  # never save a diverged state over a good one
-                if healthy:
-                    partial["seconds"] += time.perf_counter() - epoch_start
-                    save_progress(epoch, step, partial)
-                bar.close()
-                raise Interrupted(STOP["signal"], saved=healthy)
-        sum_over_processes(partial, world)
-        first_bad = int(partial["first_bad"])
-        if first_bad >= 0:
-            bar.close()
-            raise TrainingError(f"{stage}: the loss became non-finite in epoch {epoch}, step {first_bad + 1} of {steps}; "
-                                f"start it over with --fresh and a lower --lr (now {lr}), or turn off mixed precision "
-                                f"with --amp off"
-                                + (f"; the last good epoch is kept in {last_path}" if last_path.exists() else ""))
-        train_loss = partial["loss_sum"].item() / steps
-        val_acc = (evaluate(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std, tta=cfg["TTA"],
-                            autocast=autocast, channels_last=cfg["CHANNELS_LAST"]) if len(dataset.val_y) and rank == 0
-                   else None)
-        record = {"epoch": epoch, "loss": round(train_loss, 5), "train_acc": round(partial["correct"].item() / partial["seen"], 5),
-                  "val_acc": None if val_acc is None else round(val_acc, 5), "lr": scheduler.get_last_lr()[0],
-                  "images": partial["seen"], "seconds": round(partial["seconds"] + time.perf_counter() - epoch_start, 2)}
-        log.append(record)
-        if rank == 0:
-            save_text(stage_path(out_dir, stage, ".jsonl"), "".join(json.dumps(r) + "\n" for r in log))
-        if rank == 0 and (val_acc is None or val_acc > best["acc"]):  # without a validation split, the last epoch
-            best = {"acc": val_acc, "epoch": epoch, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        bar.write(f"{stage} epoch {epoch:3d}/{epochs}  loss {train_loss:.4f}  train {record['train_acc']:.2%}  "
-                  f"val {percent(val_acc)}  lr {record['lr']:.2e}  {record['seconds']:.1f}s")
-        epoch, step = epoch + 1, 0
-        save_progress(epoch, step, {})
-        stop = agreed_stop(world, device)
+
+@dataclass
+class Stage:
+    """One stage being trained: its network and objective, what optimises
+    them, and where its files go. The same loop trains every stage; only the
+    objective differs (cross-entropy, or a distillation method against the
+    frozen teacher)."""
+
+    name: str
+    model_name: str
+    cfg: dict
+    dataset: data.Data
+    device: torch.device
+    out_dir: Path
+    teacher_digest: str | None  # which teacher.pt a distilled stage learns from
+    epochs: int
+    steps: int  # per epoch
+    objective: torch.nn.Module
+    forward: torch.nn.Module  # the objective as the step calls it: wrapped by DDP, compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lookahead: optim.Lookahead | None
+    generator: torch.Generator  # the data order and augmentation
+    autocast: object  # a zero-argument context factory
+    amp_on: bool
+
+    @property
+    def model(self):
+        return self.objective.model
+
+    def path(self, suffix=".pt"):
+        return self.out_dir / f"{self.name}{suffix}"
+
+    def evaluate(self, images, labels):
+        return evaluate(
+            self.model,
+            images,
+            labels,
+            self.dataset.mean,
+            self.dataset.std,
+            tta=self.cfg["TTA"],
+            autocast=self.autocast,
+            channels_last=self.cfg["CHANNELS_LAST"],
+        )
+
+
+def build_stage(name, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None):
+    index = STAGES.index(name)
+    epochs, steps = cfg["EPOCHS"][index], data.steps_per_epoch(dataset, cfg["BATCH_SIZE"])
+    model_name = cfg["TEACHER"] if name == "teacher" else cfg["STUDENT"]
+    objective = distill.build_objective(cfg, model_name, dataset, device, teacher)
+    optimizer, scheduler, lookahead = optim.build(objective, cfg, cfg["LR"][index], epochs * steps)
+    forward = torch.nn.parallel.DistributedDataParallel(objective) if ddp else objective
+    autocast, amp_on = runtime.autocast(device, cfg["AMP"])
+    return Stage(
+        name,
+        model_name,
+        cfg,
+        dataset,
+        device,
+        out_dir,
+        teacher_digest,
+        epochs,
+        steps,
+        objective,
+        torch.compile(forward) if cfg["COMPILE"] else forward,
+        optimizer,
+        scheduler,
+        lookahead,
+        torch.Generator(device=device).manual_seed(cfg["SEED"]),
+        autocast,
+        amp_on,
+    )
+
+
+@dataclass
+class EpochSums:
+    """Running sums of the epoch in progress, kept on the device and read once
+    at its end (no host sync per step)."""
+
+    order: torch.Tensor  # this epoch's permutation of the training set
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    first_bad: torch.Tensor  # the first step whose loss was not finite; -1 while there is none
+    seen: int = 0
+    seconds: float = 0.0
+
+    def add(self, step, loss, logits, labels):
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.loss_sum += loss
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+
+@dataclass
+class Progress:
+    """Where a stage stands. It goes to <stage>.last.pt after every epoch and
+    when a signal stops training mid-epoch (then with the epoch's running
+    sums), so that --resume goes on exactly where it stopped."""
+
+    epoch: int = 1
+    step: int = 0  # steps done in this epoch
+    log: list = field(default_factory=list)  # one record per finished epoch
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0, "state": None})
+    elapsed: float = 0.0  # seconds trained before this run started
+    sums: EpochSums | None = None  # of a stage stopped mid-epoch
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self):
+        """Seconds trained so far, over every run of the stage."""
+        return self.elapsed + time.perf_counter() - self.started
+
+    def state_dict(self):
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "log": self.log,
+            "best": self.best,
+            "elapsed": self.seconds(),
+            "sums": None if self.sums is None else vars(self.sums),
+        }
+
+    @classmethod
+    def from_state(cls, state):
+        sums = None if state["sums"] is None else EpochSums(**state["sums"])
+        return cls(state["epoch"], state["step"], state["log"], state["best"], state["elapsed"], sums)
+
+
+def save_progress(stage, progress):
+    if master_process:
+        checkpoint.save_progress(stage.path(".last.pt"), progress.state_dict(), stage)
+
+
+def train_stage(name, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None, resume=None):
+    """Train one network (teacher, student, or distilled student) and save it;
+    `resume` is the saved progress of an earlier run of it. Returns the
+    stage's metrics on the master process, None on the others."""
+    stage = build_stage(name, cfg, dataset, device, out_dir, teacher, teacher_digest)
+    progress = Progress() if resume is None else restore(stage, resume)
+    print(
+        f"\n== {name}: {stage.model_name} ({models.count_params(stage.model):,} params) on {device}"
+        f"{', bf16' if stage.amp_on else ''}, {stage.epochs} epochs of {stage.steps} steps, "
+        f"{len(dataset.train_y):,} train / {len(dataset.val_y):,} val images"
+        + (f"; resuming at epoch {progress.epoch}, step {progress.step}" if resume is not None else "")
+    )
+    bar = tqdm(
+        total=stage.epochs * stage.steps,
+        initial=(progress.epoch - 1) * stage.steps + progress.step,
+        desc=name,
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None if master_process else True,
+    )
+    while progress.epoch <= stage.epochs:
+        sums = train_epoch(stage, progress, bar)
+        end_epoch(stage, progress, sums, bar)
+        stop = ddp_agreed_stop(device)
         if stop is not None:
             bar.close()
             raise Interrupted(stop)
     bar.close()
-    train_seconds = elapsed + time.perf_counter() - started
-    check_replicas(model, world)
-    if rank > 0:  # rank 0 tests, measures and saves the model; the others wait until it has
+    return finish_stage(stage, progress)
+
+
+def restore(stage, state):
+    """The Progress of a resumed stage, its training state loaded into `stage`."""
+    try:
+        checkpoint.restore_progress(state, stage)
+    except RuntimeError:
+        raise TrainingError(
+            f"{stage.path('.last.pt')}: its weights do not fit {stage.model_name} as this version "
+            f"of models.py builds it; pass --fresh to start the stage over",
+            exit_code=2,
+        ) from None
+    return Progress.from_state(state["progress"])
+
+
+def start_epoch(stage, progress):
+    """The running sums of the epoch about to run: fresh ones with a new order,
+    or those of the epoch a resumed run stopped in."""
+    if progress.step > 0:
+        sums = EpochSums(**{k: v.to(stage.device) if torch.is_tensor(v) else v for k, v in vars(progress.sums).items()})
+        if not master_process:  # the sums so far are counted once, by the master
+            sums.loss_sum, sums.correct, sums.seen = sums.loss_sum.zero_(), sums.correct.zero_(), 0
+        return sums
+    device = stage.device
+    order = torch.randperm(len(stage.dataset.train_y), device=device, generator=stage.generator)
+    if ddp:  # one order for the whole job, even where GPUs of another kind would draw another
+        torch.distributed.broadcast(order, 0)
+    return EpochSums(
+        order,
+        torch.zeros((), device=device),
+        torch.zeros((), dtype=torch.int64, device=device),
+        torch.full((), -1, device=device),
+    )
+
+
+def train_epoch(stage, progress, bar):
+    """Train one epoch, or the rest of one; returns its running sums."""
+    cfg, epoch_start = stage.cfg, time.perf_counter()
+    sums = start_epoch(stage, progress)
+    if ddp:  # each process its own dropout masks, the same again when the job resumes at this epoch
+        torch.manual_seed(cfg["SEED"] + 1000 * progress.epoch + ddp_rank)
+    stage.objective.train()
+    stage.objective.set_progress(progress.epoch / stage.epochs)  # the fraction of training done when this epoch ends
+    flip = cfg["FLIP"]
+    if cfg["FLIP"] and cfg["ALTERNATE_FLIP"]:
+        flip = data.alternating_flips(len(stage.dataset.train_y), progress.epoch, cfg["SEED"], stage.device)
+    batches = data.train_batches(
+        stage.dataset,
+        sums.order,
+        cfg["BATCH_SIZE"],
+        cfg["CROP_PADDING"],
+        flip,
+        stage.generator,
+        cfg["CHANNELS_LAST"],
+        start=progress.step,
+        shard=(ddp_rank, ddp_world_size),
+    )
+    for images, labels in batches:
+        with stage.autocast():
+            loss, logits = stage.forward(images, labels)
+        stage.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stage.optimizer.step()
+        stage.scheduler.step()
+        sums.add(progress.step, loss.detach(), logits, labels)
+        progress.step += 1
+        if stage.lookahead is not None:
+            stage.lookahead.step((progress.epoch - 1) * stage.steps + progress.step)
+        bar.update()
+        if STOP["signal"] is not None and progress.step < stage.steps and not ddp:  # a job stops at the epoch's end
+            sums.seconds += time.perf_counter() - epoch_start
+            stop_mid_epoch(stage, progress, sums, bar)
+    sums.seconds += time.perf_counter() - epoch_start
+    return sums
+
+
+def stop_mid_epoch(stage, progress, sums, bar):
+    """Save the progress (unless the loss has diverged: never save a diverged
+    state over a good one) and stop."""
+    healthy = int(sums.first_bad) < 0
+    if healthy:
+        progress.sums = sums
+        save_progress(stage, progress)
+    bar.close()
+    raise Interrupted(STOP["signal"], saved=healthy)
+
+
+def end_epoch(stage, progress, sums, bar):
+    """Check the loss, validate, log, keep the best weights and save the progress."""
+    if ddp:
+        ddp_sum(sums)
+    first_bad = int(sums.first_bad)
+    if first_bad >= 0:
+        bar.close()
+        last = stage.path(".last.pt")
+        raise TrainingError(
+            f"{stage.name}: the loss became non-finite in epoch {progress.epoch}, step "
+            f"{first_bad + 1} of {stage.steps}; start it over with --fresh and a lower --lr (now "
+            f"{stage.optimizer.defaults['lr']}), or turn off mixed precision with --amp off"
+            + (f"; the last good epoch is kept in {last}" if last.exists() else "")
+        )
+    train_loss = sums.loss_sum.item() / stage.steps
+    dataset = stage.dataset
+    val_acc = stage.evaluate(dataset.val_x, dataset.val_y) if len(dataset.val_y) and master_process else None
+    record = {
+        "epoch": progress.epoch,
+        "loss": round(train_loss, 5),
+        "train_acc": round(sums.correct.item() / sums.seen, 5),
+        "val_acc": None if val_acc is None else round(val_acc, 5),
+        "lr": stage.scheduler.get_last_lr()[0],
+        "images": sums.seen,
+        "seconds": round(sums.seconds, 2),
+    }
+    progress.log.append(record)
+    if master_process:
+        checkpoint.write_text(stage.path(".jsonl"), "".join(json.dumps(r) + "\n" for r in progress.log))
+    if master_process and (val_acc is None or val_acc > progress.best["acc"]):  # no validation split: the last epoch
+        state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()}
+        progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state}
+    bar.write(
+        f"{stage.name} epoch {progress.epoch:3d}/{stage.epochs}  loss {train_loss:.4f}  train "
+        f"{record['train_acc']:.2%}  val {percent(val_acc)}  lr {record['lr']:.2e}  {record['seconds']:.1f}s"
+    )
+    progress.epoch, progress.step, progress.sums = progress.epoch + 1, 0, None
+    save_progress(stage, progress)
+
+
+def finish_stage(stage, progress):
+    """Test the best epoch's weights, measure their speed and save the checkpoint."""
+    train_seconds = progress.seconds()
+    if not master_process:  # the master tests, measures and saves the model; the others wait until it has
         torch.distributed.barrier()
         return None
-
-    model.load_state_dict(best["state"])
-    test_acc = evaluate(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std, tta=cfg["TTA"],
-                        autocast=autocast, channels_last=cfg["CHANNELS_LAST"])
-    latency_ms, throughput = models.cpu_speed(model, dataset.in_channels, dataset.image_size)
-    metrics = {"model": model_name, "params": params, "test_acc": test_acc, "best_val_acc": best["acc"],
-               "best_epoch": best["epoch"], "epochs": epochs, "train_seconds": round(train_seconds, 1),
-               "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1),
-               "device": str(device), "tta": cfg["TTA"]}
-    if teacher is not None:
+    model, dataset, cfg = stage.model, stage.dataset, stage.cfg
+    model.load_state_dict(progress.best["state"])
+    test_acc = stage.evaluate(dataset.test_x, dataset.test_y)
+    latency_ms, throughput = runtime.cpu_speed(model, dataset.in_channels, dataset.image_size)
+    metrics = {
+        "model": stage.model_name,
+        "params": models.count_params(model),
+        "test_acc": test_acc,
+        "best_val_acc": progress.best["acc"],
+        "best_epoch": progress.best["epoch"],
+        "epochs": stage.epochs,
+        "train_seconds": round(train_seconds, 1),
+        "cpu_latency_ms": round(latency_ms, 3),
+        "cpu_throughput": round(throughput, 1),
+        "device": str(stage.device),
+        "tta": cfg["TTA"],
+    }
+    if stage.name == "distilled":
         metrics["method"] = cfg["METHOD"]
-    checkpoint = {"stage": stage, "dataset": cfg["DATASET"], "model": model_name,
-                  "num_classes": len(dataset.classes), "in_channels": dataset.in_channels,
-                  "image_size": dataset.image_size, "classes": list(dataset.classes),
-                  "mean": list(dataset.mean), "std": list(dataset.std), "tta": cfg["TTA"],
-                  "state_dict": best["state"], "config": json_safe(cfg), "metrics": metrics}
-    data.atomic_write(stage_path(out_dir, stage), lambda p: torch.save(checkpoint, p))
-    last_path.unlink(missing_ok=True)
-    print(f"{stage}: test accuracy {test_acc:.2%} (best epoch {best['epoch']}, val {percent(best['acc'])}), "
-          f"{train_seconds:.0f}s, saved {stage_path(out_dir, stage)}")
-    if world > 1:
+    checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics)
+    stage.path(".last.pt").unlink(missing_ok=True)
+    print(
+        f"{stage.name}: test accuracy {test_acc:.2%} (best epoch {progress.best['epoch']}, val "
+        f"{percent(progress.best['acc'])}), {train_seconds:.0f}s, saved {stage.path()}"
+    )
+    if ddp:
         torch.distributed.barrier()
     return metrics
 
 
 # ---------------------------------------------------------------- the pipeline
 
+
 def load_finished(out_dir, stage, expected_model, dataset):
     """The checkpoint of a finished stage, or None when there is none.
 
     A checkpoint of another model or class list is an error, not something to
     silently reuse."""
-    path = stage_path(out_dir, stage)
+    path = out_dir / f"{stage}.pt"
     if not path.exists():
         return None
     try:
-        checkpoint = models.load_checkpoint(path)
+        saved = checkpoint.load(path)
     except ValueError as error:
         raise TrainingError(f"{path}: {error}; delete it or pass --fresh to retrain") from None
-    if checkpoint["model"] != expected_model or checkpoint["classes"] != dataset.classes:
-        raise TrainingError(f"{path} holds a {checkpoint['model']} trained on other classes or another model than "
-                            f"{expected_model}; pass --fresh to retrain it, or another --out-dir")
-    if "metrics" not in checkpoint:
+    if saved["model"] != expected_model or saved["classes"] != dataset.classes:
+        raise TrainingError(
+            f"{path} holds a {saved['model']} trained on other classes or another model than "
+            f"{expected_model}; pass --fresh to retrain it, or another --out-dir"
+        )
+    if "metrics" not in saved:
         raise TrainingError(f"{path} is not a finished stage of train.py (no metrics); pass --fresh to retrain it")
-    return checkpoint
+    return saved
 
 
-def teacher_model(checkpoint, path):
-    """The network of a saved teacher, or a one-line error when its weights do
-    not fit the model of that name (a checkpoint from an older version, say)."""
+def load_unfinished(out_dir, stage, cfg, device):
+    """The saved progress of an unfinished stage (its .last.pt), or None.
+
+    It is used only with --resume, and must come from the same settings; with
+    --fresh it is ignored and later overwritten; otherwise it stops the run, so
+    that no progress is lost by accident."""
+    path = out_dir / f"{stage}.last.pt"
+    if not path.exists() or cfg["FRESH"]:
+        return None
+    if not cfg["RESUME"]:
+        raise TrainingError(
+            f"{path} holds an unfinished {stage} run; continue it with: {resume_command()}  "
+            f"(or pass --fresh to start the stage over)",
+            exit_code=2,
+        )
     try:
-        return models.checkpoint_model(checkpoint)
+        state = checkpoint.load_progress(path)
+    except ValueError as error:
+        raise TrainingError(f"{path}: {error}; delete it or pass --fresh", exit_code=2) from None
+    was, now = state["config"], checkpoint.json_safe(cfg)
+    changed = [k for k, v in now.items() if k not in config.RUNTIME_SETTINGS and was.get(k) != v]
+    if changed:
+        raise TrainingError(
+            f"{path} was started with other settings ({' '.join(config.typed(k, was.get(k)) for k in changed)}); "
+            f"resume with those, or pass --fresh",
+            exit_code=2,
+        )
+    if state["device"] != device.type:  # the data generator's state belongs to its device
+        raise TrainingError(
+            f"{path} was started on {state['device']}; resume it with --device {state['device']}, or pass --fresh",
+            exit_code=2,
+        )
+    return state
+
+
+def saved_teacher(out_dir, saved):
+    """The network of the teacher saved in out_dir, and the digest of its file."""
+    path = out_dir / "teacher.pt"
+    try:
+        return checkpoint.build_model(saved), checkpoint.file_digest(path)
     except ValueError as error:
         raise TrainingError(f"{path}: {error}; pass --fresh to retrain the teacher") from None
 
 
-def file_digest(path):
-    """A short content hash of a file, to tell one checkpoint from another."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def saved_teacher(out_dir, checkpoint):
-    """The network of the teacher saved in out_dir, and the digest of its file."""
-    path = stage_path(out_dir, "teacher")
-    return teacher_model(checkpoint, path), file_digest(path)
-
-
 def results_table(rows):
-    lines = ["| stage | model | params | test accuracy | CPU latency (batch 1) | CPU throughput (batch 256) | train time |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| stage | model | params | test accuracy | CPU latency (batch 1) | CPU throughput (batch 256) | train time |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for stage, m in rows.items():
-        lines.append(f"| {stage} | {m['model']} | {m['params']:,} | {m['test_acc']:.2%} | {m['cpu_latency_ms']:.2f} ms "
-                     f"| {m['cpu_throughput']:,.0f} img/s | {m['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {stage} | {m['model']} | {m['params']:,} | {m['test_acc']:.2%} | {m['cpu_latency_ms']:.2f} ms "
+            f"| {m['cpu_throughput']:,.0f} img/s | {m['train_seconds']:.0f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -451,69 +584,19 @@ def check_writable(folder):
         config.fail("out-dir", f"cannot write to {folder} ({error.strerror}); choose a writable --out-dir")
 
 
-def load_unfinished(out_dir, stage, cfg, device):
-    """The saved progress of an unfinished stage (its .last.pt), or None.
-
-    It is used only with --resume, and must come from the same settings; with
-    --fresh it is ignored and later overwritten; otherwise it stops the run, so
-    that no progress is lost by accident."""
-    path = stage_path(out_dir, stage, ".last.pt")
-    if not path.exists() or cfg["FRESH"]:
-        return None
-    if not cfg["RESUME"]:
-        raise TrainingError(f"{path} holds an unfinished {stage} run; continue it with: {resume_command()}  "
-                            f"(or pass --fresh to start the stage over)", exit_code=2)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise TrainingError(f"{path}: cannot read it ({str(error).splitlines()[0][:200]}); delete it or pass --fresh",
-                            exit_code=2) from None
-    # a setting that the file does not know (added to config.py since) counts as its default
-    was = {**json_safe(config.defaults()), **state["config"]}
-    changed = [k for k, v in json_safe(cfg).items() if k not in RUNTIME_KEYS and was.get(k) != v]
-    if changed:
-        was = " ".join(as_flag(k, was[k]) for k in changed)
-        raise TrainingError(f"{path} was started with other settings ({was}); resume with those, or pass --fresh",
-                            exit_code=2)
-    if state.get("device", device.type) != device.type:  # the data generator's state belongs to its device
-        raise TrainingError(f"{path} was started on {state['device']}; resume it with --device {state['device']}, "
-                            f"or pass --fresh", exit_code=2)
-    return state
-
-
-def as_flag(name, value):
-    """A setting as the user would type it."""
-    if isinstance(value, bool):
-        return f"--{'' if value else 'no-'}{config.flag(name)}"
-    return f"--{config.flag(name)} {','.join(map(str, value)) if isinstance(value, list) else value}"
-
-
-def resume_command():
-    args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
-    command = shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
-    return command + (" (through the same torchrun command)" if job_size() > 1 else "")
-
-
-def make_deterministic():
-    """Same inputs, same bits: deterministic kernels where torch has them."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
-
-def main(argv=None):
-    cfg = config.parse(argv, description=__doc__.split("\n\n")[0],
-                       choices={"DATASET": data.DATASETS, "TEACHER": models.MODELS, "STUDENT": models.MODELS,
-                                "METHOD": distill.METHODS, "OPTIMIZER": distill.OPTIMIZERS},
-                       derived=distill.paper_pair_settings)
+def set_up(cfg):
+    """Check the settings that need no data, join the torchrun job and set up
+    the device; returns the device and the output folder."""
     if cfg["RESUME"] and cfg["FRESH"]:
         config.fail("resume", "--resume continues unfinished stages and --fresh starts them over; pick one")
-    rank, world, device = join_job(config.device(cfg["DEVICE"]))
-    if cfg["BATCH_SIZE"] % world:  # DDP averages the processes' gradients with equal weights
-        config.fail("batch-size", f"{cfg['BATCH_SIZE']} does not split evenly over the {world} processes of this "
-                    f"torchrun job; give a multiple of {world}")
-    if rank > 0:  # one process of a torchrun job speaks for all
+    device = ddp_init(runtime.device(cfg["DEVICE"]))
+    if cfg["BATCH_SIZE"] % ddp_world_size:  # DDP averages the processes' gradients with equal weights
+        config.fail(
+            "batch-size",
+            f"{cfg['BATCH_SIZE']} does not split evenly over the {ddp_world_size} processes "
+            f"of this torchrun job; give a multiple of {ddp_world_size}",
+        )
+    if not master_process:  # one process of a torchrun job speaks for all
         sys.stdout = open(os.devnull, "w")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
@@ -523,88 +606,133 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg["DETERMINISTIC"]:
-        make_deterministic()
+        runtime.make_deterministic()
+    return device, out_dir
 
-    if not Path(cfg["DATA_DIR"]).is_dir() and (cfg["DATASET"] == "folder" or (cfg["DATASET"].startswith("cifar")
-                                                                             and not cfg["DOWNLOAD"])):
-        config.fail("data-dir", f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"
-                    + ("" if cfg["DATASET"] == "folder" else " or allow --download"))
-    with in_turns(rank, world):
-        dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], cache_dirs=[out_dir], image_size=cfg["IMAGE_SIZE"],
-                            val_size=cfg["VAL_SIZE"], seed=cfg["SEED"], device=device, download=cfg["DOWNLOAD"])
-    print(f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "
-          f"{dataset.in_channels}x{dataset.image_size}x{dataset.image_size}, {len(dataset.train_y):,} train, "
-          f"{len(dataset.val_y):,} val, {len(dataset.test_y):,} test")
+
+def load_data(cfg, device, out_dir):
+    no_folder = cfg["DATASET"] == "folder" or (cfg["DATASET"].startswith("cifar") and not cfg["DOWNLOAD"])
+    if not Path(cfg["DATA_DIR"]).is_dir() and no_folder:
+        config.fail(
+            "data-dir",
+            f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"
+            + ("" if cfg["DATASET"] == "folder" else " or allow --download"),
+        )
+    with in_turns():
+        dataset = data.load(
+            cfg["DATASET"],
+            cfg["DATA_DIR"],
+            cache_dirs=[out_dir],
+            image_size=cfg["IMAGE_SIZE"],
+            val_size=cfg["VAL_SIZE"],
+            seed=cfg["SEED"],
+            device=device,
+            download=cfg["DOWNLOAD"],
+        )
+    print(
+        f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "
+        f"{dataset.in_channels}x{dataset.image_size}x{dataset.image_size}, {len(dataset.train_y):,} train, "
+        f"{len(dataset.val_y):,} val, {len(dataset.test_y):,} test"
+    )
     if cfg["CROP_PADDING"] >= min(dataset.train_x.shape[-2:]):  # reflection cannot reach further than the image
-        config.fail("crop-padding", f"{cfg['CROP_PADDING']} pixels is not less than the {dataset.image_size}-pixel "
-                    f"images; give a smaller value (0 turns translation off)")
+        config.fail(
+            "crop-padding",
+            f"{cfg['CROP_PADDING']} pixels is not less than the {dataset.image_size}-pixel "
+            f"images; give a smaller value (0 turns translation off)",
+        )
+    return dataset
 
+
+def plan(cfg, dataset, device, out_dir):
+    """What to run: the stages to train (with any saved progress) and the
+    finished checkpoints to reuse."""
     requested = [s for s in STAGES if s in cfg["STAGES"].split(",")]
     finished = {}
     for stage in STAGES:
         if not (cfg["FRESH"] and stage in requested):
-            expected = cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"]
-            checkpoint = load_finished(out_dir, stage, expected, dataset)
-            if checkpoint is not None:
-                finished[stage] = checkpoint
+            saved = load_finished(out_dir, stage, cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"], dataset)
+            if saved is not None:
+                finished[stage] = saved
     if "distilled" in requested and "teacher" not in requested and "teacher" not in finished:
         print("distilled needs a teacher and none is saved: training the teacher first")
         requested.insert(0, "teacher")
-    todo = [stage for stage in requested if stage not in finished]
-    unfinished = {stage: load_unfinished(out_dir, stage, cfg, device) for stage in todo}
-
-    results = {stage: checkpoint["metrics"] for stage, checkpoint in finished.items()}
     for stage in requested:
         if stage in finished:
-            print(f"{stage}: {stage_path(out_dir, stage)} exists (test accuracy {results[stage]['test_acc']:.2%}); "
-                  f"skipping it (--fresh retrains)")
+            print(
+                f"{stage}: {out_dir / f'{stage}.pt'} exists (test accuracy "
+                f"{finished[stage]['metrics']['test_acc']:.2%}); skipping it (--fresh retrains)"
+            )
+    todo = {stage: load_unfinished(out_dir, stage, cfg, device) for stage in requested if stage not in finished}
+    return todo, finished
+
+
+def main(argv=None):
+    cfg = config.parse(argv, description=__doc__.split("\n\n")[0])
+    device, out_dir = set_up(cfg)
+    dataset = load_data(cfg, device, out_dir)
+    todo, finished = plan(cfg, dataset, device, out_dir)
+    results = {stage: saved["metrics"] for stage, saved in finished.items()}
     teacher = digest = None
     if "distilled" in todo and "teacher" in finished:  # check the saved teacher now, not after the other stages
         teacher, digest = saved_teacher(out_dir, finished["teacher"])
-    if unfinished.get("distilled") is not None and unfinished["distilled"].get("teacher", digest) != digest:
-        raise TrainingError(f"{stage_path(out_dir, 'distilled', '.last.pt')} was distilled from another teacher.pt "
-                            f"than the one there is now; pass --fresh to start the distilled stage over", exit_code=2)
-    for stage in todo:
+    if todo.get("distilled") is not None and todo["distilled"]["teacher"] != digest:
+        raise TrainingError(
+            f"{out_dir / 'distilled.last.pt'} was distilled from another teacher.pt than the one "
+            f"there is now; pass --fresh to start the distilled stage over",
+            exit_code=2,
+        )
+    for stage, resume in todo.items():
+        distilled = stage == "distilled"
         try:
-            results[stage] = train_stage(stage, cfg, dataset, device, out_dir,
-                                         teacher=teacher if stage == "distilled" else None,
-                                         teacher_digest=digest if stage == "distilled" else None,
-                                         resume=unfinished[stage], part=(rank, world))
+            results[stage] = train_stage(
+                stage,
+                cfg,
+                dataset,
+                device,
+                out_dir,
+                teacher if distilled else None,
+                digest if distilled else None,
+                resume,
+            )
         except torch.OutOfMemoryError:
-            raise TrainingError(f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; "
-                                f"try a smaller --batch-size") from None
+            raise TrainingError(
+                f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; try a smaller --batch-size"
+            ) from None
         if stage == "teacher":  # distil from the teacher as saved (in a torchrun job, every process reads it)
             teacher, digest = saved_teacher(out_dir, load_finished(out_dir, "teacher", cfg["TEACHER"], dataset))
-
-    if rank > 0:
-        return
-    rows = {stage: results[stage] for stage in STAGES if stage in results}
-    table = results_table(rows)
-    print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}")
-    save_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\n{table}")
-    save_text(out_dir / "results.json", json.dumps(rows, indent=2) + "\n")
+    if master_process:
+        rows = {stage: results[stage] for stage in STAGES if stage in results}
+        table = results_table(rows)
+        print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}")
+        checkpoint.write_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\n{table}")
+        checkpoint.write_text(out_dir / "results.json", json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    quiet = os.environ.get("RANK", "0") != "0"  # in a torchrun job, rank 0 tells the user how to go on
+    prog = Path(sys.argv[0]).name
     try:
         main()
     except Interrupted as stop:
-        saved = ("progress is saved. Continue with: " + resume_command() if stop.saved
-                 else "the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
-                      "--fresh and a lower --lr")
-        if not quiet:
-            sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped by {stop}; {saved}\n")
+        saved = (
+            "progress is saved. Continue with: " + resume_command()
+            if stop.saved
+            else "the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
+            "--fresh and a lower --lr"
+        )
+        if master_process:  # in a torchrun job, the master tells the user how to go on
+            sys.stderr.write(f"{prog}: stopped by {stop}; {saved}\n")
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:  # a second signal: stop at once; the last .last.pt is from the end of an epoch or earlier
-        if not quiet:
-            sys.stderr.write(f"{Path(sys.argv[0]).name}: stopped at once by a second signal; continue from the last "
-                             f"saved progress with: {resume_command()}\n")
+        if master_process:
+            sys.stderr.write(
+                f"{prog}: stopped at once by a second signal; continue from the last saved progress "
+                f"with: {resume_command()}\n"
+            )
         sys.exit(128 + (STOP["signal"] or signal.SIGINT))
     except (data.DataError, TrainingError) as error:
-        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {error}\n")
+        sys.stderr.write(f"{prog}: error: {error}\n")
         sys.exit(getattr(error, "exit_code", 1))
     finally:
         if torch.distributed.is_initialized():

@@ -51,8 +51,9 @@ def write_cifar10(folder, per_class_train=6, per_class_test=2, archive=True):
     files = {}
     parts = np.array_split(np.arange(len(train_y)), 5)
     for i, part in enumerate(parts, 1):
-        files[f"data_batch_{i}"] = _pickle({b"batch_label": b"training batch", b"data": train_x[part],
-                                            b"labels": [train_y[j] for j in part]})
+        files[f"data_batch_{i}"] = _pickle(
+            {b"batch_label": b"training batch", b"data": train_x[part], b"labels": [train_y[j] for j in part]}
+        )
     files["test_batch"] = _pickle({b"data": test_x, b"labels": test_y})
     files["batches.meta"] = _pickle({b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072})
     return _write_cifar(folder, "cifar-10-batches-py", "cifar-10-python.tar.gz", files, archive)
@@ -60,10 +61,16 @@ def write_cifar10(folder, per_class_train=6, per_class_test=2, archive=True):
 
 def write_cifar100(folder, per_class_train=2, per_class_test=1, archive=True):
     (train_x, train_y), (test_x, test_y) = cifar_batches(100, per_class_train, per_class_test)
-    files = {"train": _pickle({b"data": train_x, b"fine_labels": train_y, b"coarse_labels": [y // 5 for y in train_y]}),
-             "test": _pickle({b"data": test_x, b"fine_labels": test_y, b"coarse_labels": [y // 5 for y in test_y]}),
-             "meta": _pickle({b"fine_label_names": [f"class{i:03d}".encode() for i in range(100)],
-                              b"coarse_label_names": [f"super{i}".encode() for i in range(20)]})}
+    files = {
+        "train": _pickle({b"data": train_x, b"fine_labels": train_y, b"coarse_labels": [y // 5 for y in train_y]}),
+        "test": _pickle({b"data": test_x, b"fine_labels": test_y, b"coarse_labels": [y // 5 for y in test_y]}),
+        "meta": _pickle(
+            {
+                b"fine_label_names": [f"class{i:03d}".encode() for i in range(100)],
+                b"coarse_label_names": [f"super{i}".encode() for i in range(20)],
+            }
+        ),
+    }
     return _write_cifar(folder, "cifar-100-python", "cifar-100-python.tar.gz", files, archive)
 
 
@@ -123,7 +130,7 @@ def write_image_tree(root, classes=("cat", "dog", "fish"), per_class_train=8, pe
                     mode = modes[(i + label) % len(modes)]
                     image = image.resize((size + 7 * (i % 3), size + 5 * (i % 2)))
                     if mode == "I;16":
-                        image = Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257))
+                        image = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
                     elif mode != "RGB":
                         image = image.convert(mode)
                     suffix = ".jpg" if mode in ("RGB", "L", "CMYK") and i % 2 else ".png"
@@ -138,8 +145,14 @@ def write_image_tree(root, classes=("cat", "dog", "fish"), per_class_train=8, pe
 def run_script(script, *args, cwd=None, timeout=600, env=None):
     """Run one of the repo's scripts in a subprocess; returns CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 def assert_one_line_error(result, *fragments, code=None):
@@ -161,5 +174,17 @@ def cifar10_archive(tmp_path):
 
 
 # Flags that make a full train.py run take seconds on tiny data.
-FAST = ["--teacher", "airnet_s", "--student", "airnet_xs", "--epochs", "1", "--batch-size", "16",
-        "--val-size", "10", "--device", "cpu"]
+FAST = [
+    "--teacher",
+    "airnet_s",
+    "--student",
+    "airnet_xs",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--val-size",
+    "10",
+    "--device",
+    "cpu",
+]

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import (CIFAR10_NAMES, write_cifar10, write_cifar100, write_fashion_mnist, write_image_tree)
+from conftest import CIFAR10_NAMES, write_cifar10, write_cifar100, write_fashion_mnist, write_image_tree
 
 
 def check_splits(splits, n_train, n_test, shape, num_classes):
@@ -175,8 +175,18 @@ def test_alternating_flip_flips_each_image_every_other_epoch():
 def test_train_batches_flip_exactly_the_images_they_are_told_to():
     images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
     labels = torch.arange(6)
-    dataset = data.Data(images, labels, images[:0], labels[:0], images[:0], labels[:0], [str(i) for i in range(6)],
-                        (0.0,) * 3, (1 / 255,) * 3, "test")
+    dataset = data.Data(
+        images,
+        labels,
+        images[:0],
+        labels[:0],
+        images[:0],
+        labels[:0],
+        [str(i) for i in range(6)],
+        (0.0,) * 3,
+        (1 / 255,) * 3,
+        "test",
+    )
     flips = torch.tensor([True, False, True, True, False, False])
     order = torch.tensor([4, 0, 5, 2, 1, 3])
     batches = list(data.train_batches(dataset, order, 3, 0, flips, torch.Generator(), channels_last=False))
@@ -191,13 +201,23 @@ def test_train_batches_flip_exactly_the_images_they_are_told_to():
 def test_the_parts_of_a_torchrun_job_make_up_exactly_the_single_process_batches(world):
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40)
-    dataset = data.Data(images, labels, images[:0], labels[:0], images[:0], labels[:0], [str(i) for i in range(40)],
-                        (0.5,) * 3, (0.25,) * 3, "test")
+    dataset = data.Data(
+        images,
+        labels,
+        images[:0],
+        labels[:0],
+        images[:0],
+        labels[:0],
+        [str(i) for i in range(40)],
+        (0.5,) * 3,
+        (0.25,) * 3,
+        "test",
+    )
     order = torch.randperm(40)
 
-    def batches(part):
+    def batches(shard):
         generator = torch.Generator().manual_seed(7)
-        out = list(data.train_batches(dataset, order, 12, 2, True, generator, part=part))
+        out = list(data.train_batches(dataset, order, 12, 2, True, generator, shard=shard))
         return out, generator.get_state()
 
     whole, whole_state = batches((0, 1))
@@ -217,8 +237,12 @@ def test_random_crop_is_a_shifted_window_of_the_reflection_padded_image():
     padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
     shifted = 0
     for i in range(16):
-        windows = [(dy, dx) for dy in range(5) for dx in range(5)
-                   if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        windows = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+        ]
         assert windows, "crop is not a window of the padded image"
         shifted += windows != [(2, 2)]
     assert shifted > 8

@@ -84,8 +84,16 @@ def test_unknown_method_names_the_choices():
         distill.build_method("nope", CONFIG, None, None)
 
 
-METHOD_CONFIG = {**CONFIG, "DKD_ALPHA": 1.0, "DKD_BETA": 8.0, "DKD_WARMUP": 0.0, "LSKD_TEMPERATURE": 2.0,
-                 "LSKD_WEIGHT": 9.0, "FITNET_WEIGHT": 100.0, "AT_WEIGHT": 1000.0}
+METHOD_CONFIG = {
+    **CONFIG,
+    "DKD_ALPHA": 1.0,
+    "DKD_BETA": 8.0,
+    "DKD_WARMUP": 0.0,
+    "LSKD_TEMPERATURE": 2.0,
+    "LSKD_WEIGHT": 9.0,
+    "FITNET_WEIGHT": 100.0,
+    "AT_WEIGHT": 1000.0,
+}
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -96,7 +104,8 @@ def test_dkd_parts_decompose_kd_as_the_paper_states(seed):
     tckd, nckd = distill.dkd_parts(student, teacher, label, T)
     p_teacher_target = (teacher / T).softmax(1)[0, label].item()
     assert distill.kd_loss(student, teacher, T).item() == pytest.approx(
-        tckd.item() + (1 - p_teacher_target) * nckd.item(), rel=1e-4)
+        tckd.item() + (1 - p_teacher_target) * nckd.item(), rel=1e-4
+    )
 
 
 def test_dkd_parts_match_a_direct_computation():
@@ -120,15 +129,22 @@ def test_dkd_ramps_its_distillation_term_up_epoch_by_epoch():
     for epoch, ramp in [(1, 0.5), (2, 1.0), (20, 1.0)]:
         method.set_progress(epoch / 20)  # as the training loop sets it
         expected = ce + ramp * (tckd + 8.0 * nckd)
-        assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+        assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(
+            expected.item(), rel=1e-5
+        )
 
 
 def test_lskd_is_kd_on_z_scored_logits_and_ignores_logit_scale():
     method = distill.LSKD(METHOD_CONFIG, None, None)
     student, teacher, labels = torch.randn(3, 6), torch.randn(3, 6), torch.tensor([0, 1, 2])
-    z = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+
+    def z(x):
+        return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+
     expected = 0.25 * F.cross_entropy(student, labels) + 9.0 * distill.kd_loss(z(student), z(teacher), 2.0)
-    assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert method.loss({"logits": student}, {"logits": teacher}, labels).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
     soft = method.soft_targets_loss(student, teacher)
     assert method.soft_targets_loss(student, teacher * 10 + 3).item() == pytest.approx(soft.item(), rel=1e-4)
 
@@ -144,14 +160,16 @@ def test_attention_transfer_matches_a_direct_computation():
 
 
 @pytest.mark.parametrize("method", ["fitnet", "at", "kd", "dkd", "lskd"])
-@pytest.mark.parametrize("student_name,teacher_name", [("airnet_xs", "airnet_s"), ("resnet8", "vgg8"),
-                                                       ("mobilenetv2", "resnet14")])
+@pytest.mark.parametrize(
+    "student_name,teacher_name", [("airnet_xs", "airnet_s"), ("resnet8", "vgg8"), ("mobilenetv2", "resnet14")]
+)
 def test_methods_give_finite_loss_and_gradients_across_architectures(method, student_name, teacher_name):
     torch.manual_seed(0)
     student, teacher = models.build(student_name, 10, 3), models.build(teacher_name, 10, 3)
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    objective = distill.Distillation(student, teacher,
-                                     distill.build_method(method, METHOD_CONFIG, student, teacher, images[:2]))
+    objective = distill.Distillation(
+        student, teacher, distill.build_method(method, METHOD_CONFIG, student, teacher, images[:2])
+    )
     objective.train()
     loss, logits = objective(images, labels)
     assert torch.isfinite(loss) and logits.shape == (4, 10)
@@ -176,48 +194,9 @@ def test_fitnet_loss_matches_a_direct_computation():
     projected = torch.einsum("oc,nchw->nohw", conv.weight[:, :, 0, 0], hint)
     mean = projected.mean(dim=(0, 2, 3), keepdim=True)
     var = projected.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    normalised = (projected - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    normalised = (projected - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(
+        1, -1, 1, 1
+    )
     expected = F.cross_entropy(s_out["logits"], labels) + 100.0 * ((normalised - target) ** 2).mean()
     got = method.loss(s_out, t_out, labels)
     assert got.item() == pytest.approx(expected.item(), rel=1e-4)
-
-
-def test_lookahead_pulls_weights_to_their_average_and_ends_on_it():
-    model = torch.nn.Linear(1, 1, bias=False)
-    model.weight.data.fill_(1.0)
-    lookahead = distill.Lookahead(model, total_steps=40, every=2)
-    model.weight.data.fill_(3.0)
-    lookahead.step(1)  # not a multiple of `every`: nothing happens
-    assert model.weight.item() == 3.0
-    lookahead.step(2)  # decay 0.95^5 * (2/40)^3: average = 1 + (3 - 1) * (1 - decay)
-    expected = 1 + 2 * (1 - 0.95 ** 5 / 20 ** 3)
-    assert model.weight.item() == pytest.approx(expected) and lookahead.state_dict()["weight"].item() == pytest.approx(expected)
-    model.weight.data.fill_(10.0)
-    lookahead.step(39)  # nor here
-    assert model.weight.item() == 10.0
-    lookahead.step(40)  # the last step, though not a multiple of `every`: decay 0.95^5
-    expected += (10 - expected) * (1 - 0.95 ** 5)
-    assert model.weight.item() == pytest.approx(expected)
-
-
-def test_lookahead_pulls_at_least_twenty_times_in_a_short_run():
-    model = torch.nn.Linear(1, 1, bias=False)
-    assert distill.Lookahead(model, total_steps=100, every=20).every == 5
-    assert distill.Lookahead(model, total_steps=7, every=20).every == 1
-    assert distill.Lookahead(model, total_steps=2000, every=20).every == 20
-
-
-def test_only_shifts_of_fixed_scale_norms_get_the_bias_learning_rate():
-    cfg = {"WEIGHT_DECAY": 0.01, "BIAS_LR_SCALE": 64.0, "OPTIMIZER": "sgd", "MOMENTUM": 0.9}
-    airnet, resnet = models.build("airnet_xs", 10, 3), models.build("resnet8", 10, 3)
-    rates = {}
-    for name, model in (("airnet", airnet), ("resnet", resnet)):
-        optimizer = distill.make_optimizer(distill.Supervised(model, 0.0), cfg, 0.1)
-        rates[name] = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
-        assert len(rates[name]) == sum(p.requires_grad for p in model.parameters())
-    norm = airnet.stages[0][0][2]
-    assert not norm.weight.requires_grad and id(norm.weight) not in rates["airnet"]
-    assert rates["airnet"][id(norm.bias)] == (6.4, 0.0)
-    assert rates["airnet"][id(airnet.head[0].bias)] == (0.1, 0.0)
-    assert rates["airnet"][id(airnet.head[0].weight)] == (0.1, 0.01)
-    assert {lr for lr, _ in rates["resnet"].values()} == {0.1}  # its norms learn a scale too: no faster rate

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
-import models
 from conftest import FAST, assert_one_line_error, coloured_images, run_script, write_image_tree
 
 CLASSES = ["cat", "dog", "fish"]
@@ -22,8 +22,20 @@ def trained(tmp_path_factory):
     """A teacher checkpoint trained by train.py on a tiny image tree."""
     root = tmp_path_factory.mktemp("predict")
     write_image_tree(root / "tree", classes=CLASSES, per_class_train=10, per_class_test=4, mixed=False)
-    result = run_script("train.py", "--dataset", "folder", "--data-dir", root / "tree", "--out-dir", root / "out",
-                        "--stages", "teacher", *FAST, "--epochs", "3")
+    result = run_script(
+        "train.py",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        root / "tree",
+        "--out-dir",
+        root / "out",
+        "--stages",
+        "teacher",
+        *FAST,
+        "--epochs",
+        "3",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return root / "out" / "folder" / "teacher.pt", root / "tree"
 
@@ -40,14 +52,14 @@ def predict(checkpoint, *args):
 
 
 def direct_top1(checkpoint_path, files):
-    """Top-1 of the checkpoint's model on the files, computed without predict.py."""
-    checkpoint = models.load_checkpoint(checkpoint_path)
-    model = models.checkpoint_model(checkpoint).eval()
-    images = torch.from_numpy(np.stack([data.load_image(f, checkpoint["image_size"], 3) for f in files]))
-    batch = data.normalize(images, checkpoint["mean"], checkpoint["std"])
+    """Top-1 of the saved's model on the files, computed without predict.py."""
+    saved = checkpoint.load(checkpoint_path)
+    model = checkpoint.build_model(saved).eval()
+    images = torch.from_numpy(np.stack([data.load_image(f, saved["image_size"], 3) for f in files]))
+    batch = data.normalize(images, saved["mean"], saved["std"])
     with torch.no_grad():
         probs = model(batch).softmax(1) + model(batch.flip(-1)).softmax(1)
-    return [checkpoint["classes"][i] for i in probs.argmax(1).tolist()]
+    return [saved["classes"][i] for i in probs.argmax(1).tolist()]
 
 
 def test_predictions_match_the_model_run_directly(trained, tmp_path):
@@ -116,9 +128,19 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def make_bad_file(kind, tmp_path, good):
-    path = tmp_path / {"missing": "missing.png", "empty": "empty.png", "text": "text.jpg",
-                       "truncated-png": "cut.png", "truncated-jpeg": "cut.jpg", "bomb": "bomb.png",
-                       "tiny": "tiny.png", "empty-folder": "nothing"}[kind]
+    path = (
+        tmp_path
+        / {
+            "missing": "missing.png",
+            "empty": "empty.png",
+            "text": "text.jpg",
+            "truncated-png": "cut.png",
+            "truncated-jpeg": "cut.jpg",
+            "bomb": "bomb.png",
+            "tiny": "tiny.png",
+            "empty-folder": "nothing",
+        }[kind]
+    )
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "text":
@@ -140,9 +162,16 @@ def make_bad_file(kind, tmp_path, good):
     return path
 
 
-BAD_FILES = {"missing": "no such file", "empty": "empty file", "text": "cannot read image",
-             "truncated-png": "cannot read image", "truncated-jpeg": "cannot read image", "bomb": "too large",
-             "tiny": "1x1", "empty-folder": "no image files"}
+BAD_FILES = {
+    "missing": "no such file",
+    "empty": "empty file",
+    "text": "cannot read image",
+    "truncated-png": "cannot read image",
+    "truncated-jpeg": "cannot read image",
+    "bomb": "too large",
+    "tiny": "1x1",
+    "empty-folder": "no image files",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
@@ -171,8 +200,12 @@ def test_unreadable_file_is_reported(trained, tmp_path, good):
 
     from conftest import ROOT
 
-    result = subprocess.run([*command, sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(checkpoint),
-                             str(good), str(locked)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [*command, sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(checkpoint), str(good), str(locked)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 1
     assert_one_line_error(result, str(locked), "permission denied")
     assert result.stdout.startswith(f"{good}: ")
@@ -224,9 +257,13 @@ def corrupt_checkpoint(kind, tmp_path, checkpoint_path):
     return path
 
 
-BAD_CHECKPOINTS = {"missing": "no checkpoint at", "truncated": "not a readable checkpoint",
-                   "not-a-checkpoint": "not a readable checkpoint", "unknown-model": "unknown model",
-                   "class-mismatch": "do not fit"}
+BAD_CHECKPOINTS = {
+    "missing": "no checkpoint at",
+    "truncated": "not a readable checkpoint",
+    "not-a-checkpoint": "not a readable checkpoint",
+    "unknown-model": "unknown model",
+    "class-mismatch": "do not fit",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
@@ -259,8 +296,15 @@ def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good):
     assert_one_line_error(result, "cifar100/distilled.pt", "python3 train.py --dataset cifar100", code=2)
 
 
-@pytest.mark.parametrize("args,flag", [(["--top-k", "0"], "--top-k"), (["--device", "tpu"], "--device"),
-                                       (["--batch-size", "-1"], "--batch-size"), (["--bogus"], "--bogus")])
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--top-k", "0"], "--top-k"),
+        (["--device", "tpu"], "--device"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--bogus"], "--bogus"),
+    ],
+)
 def test_usage_errors_exit_2(trained, good, args, flag):
     checkpoint, _ = trained
     assert_one_line_error(predict(checkpoint, good, *args), flag, code=2)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import models
+import checkpoint
 from conftest import FAST, run_script, write_cifar10
 
 
@@ -20,27 +20,55 @@ def test_speed_options_give_the_accuracy_of_plain_float32(easy_cifar):
     same seed and data: test accuracy within 10 points (60 test images), both
     well above chance."""
     accuracy = {}
-    for name, flags in {"plain": ["--amp", "off", "--no-channels-last", "--no-compile"],
-                        "fast": ["--amp", "bf16", "--channels-last", "--compile"]}.items():
+    for name, flags in {
+        "plain": ["--amp", "off", "--no-channels-last", "--no-compile"],
+        "fast": ["--amp", "bf16", "--channels-last", "--compile"],
+    }.items():
         out = easy_cifar / name
-        result = run_script("train.py", "--data-dir", easy_cifar / "data", "--out-dir", out, *FAST, "--stages", "student",
-                            "--epochs", "15", *flags, timeout=900)
+        result = run_script(
+            "train.py",
+            "--data-dir",
+            easy_cifar / "data",
+            "--out-dir",
+            out,
+            *FAST,
+            "--stages",
+            "student",
+            "--epochs",
+            "15",
+            *flags,
+            timeout=900,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        accuracy[name] = models.load_checkpoint(out / "cifar10" / "student.pt")["metrics"]["test_acc"]
+        accuracy[name] = checkpoint.load(out / "cifar10" / "student.pt")["metrics"]["test_acc"]
     assert accuracy["plain"] > 0.5 and accuracy["fast"] > 0.5, accuracy
     assert abs(accuracy["plain"] - accuracy["fast"]) <= 0.10, accuracy
 
 
 def test_bench_quick_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_script("bench.py", "--quick", "--data-dir", tmp_path / "none", "--out", out, "--batch-size", "32",
-                        "--workers", "1")
+    result = run_script(
+        "bench.py", "--quick", "--data-dir", tmp_path / "none", "--out", out, "--batch-size", "32", "--workers", "1"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
-    assert set(figures["rows"]) == {"teacher training", "student training", "distilled training",
-                                    "teacher inference", "student inference"}
+    assert set(figures["rows"]) == {
+        "teacher training",
+        "student training",
+        "distilled training",
+        "teacher inference",
+        "student inference",
+    }
     for row in figures["rows"].values():
-        for key in ("ours", "conventional", "ratio", "flops_per_image", "gflops_per_second", "at_peak", "at_peak_ratio"):
+        for key in (
+            "ours",
+            "conventional",
+            "ratio",
+            "flops_per_image",
+            "gflops_per_second",
+            "at_peak",
+            "at_peak_ratio",
+        ):
             assert row[key] > 0, (key, row)
     assert figures["peak_gflops_per_second"] > 0
     assert "ours / conventional" in result.stdout

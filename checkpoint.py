@@ -1,0 +1,178 @@
+"""The files train.py writes and reads back, in one place.
+
+- `<stage>.pt`, a finished stage: the network's weights with what it takes to
+  use them (model name, classes, image size, normalisation, TTA), the
+  settings that trained it and its metrics. predict.py reads it too.
+- `<stage>.last.pt`, an unfinished stage's progress: everything a resumed run
+  needs to go on exactly where it stopped (weights, optimizer, scheduler,
+  lookahead, random states, log, best epoch, the epoch's running sums).
+
+Every file is written atomically and read with weights_only=True.
+"""
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import models
+
+
+def atomic_write(path, write):
+    """Write a file through a temporary file and os.replace, so that a crash
+    never leaves a half-written file where a good one was. `write(temporary)`
+    writes the content."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def file_digest(path):
+    """A short content hash of a file, to tell one checkpoint from another."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def json_safe(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+# ---------------------------------------------------------------- finished stages
+
+
+def save(path, stage, cfg, dataset, model_name, state_dict, metrics):
+    checkpoint = {
+        "stage": stage,
+        "dataset": cfg["DATASET"],
+        "model": model_name,
+        "num_classes": len(dataset.classes),
+        "in_channels": dataset.in_channels,
+        "image_size": dataset.image_size,
+        "classes": list(dataset.classes),
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+        "tta": cfg["TTA"],
+        "state_dict": state_dict,
+        "config": json_safe(cfg),
+        "metrics": metrics,
+    }
+    atomic_write(path, lambda p: torch.save(checkpoint, p))
+
+
+def load(path, map_location="cpu"):
+    """Load a checkpoint dict safely (weights_only) and check its keys.
+
+    Raises ValueError with a one-line reason for anything that is not one of
+    our checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"not a readable checkpoint ({reason[:200]})") from None
+    required = ("model", "state_dict", "num_classes", "in_channels", "classes")
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
+        raise ValueError("not a checkpoint of this repo (keys model, state_dict, num_classes, ... are missing)")
+    return checkpoint
+
+
+def build_model(checkpoint):
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    Raises ValueError with a readable reason when the checkpoint does not fit
+    (unknown model, weights of another shape)."""
+    try:
+        model = models.build(checkpoint["model"], checkpoint["num_classes"], checkpoint["in_channels"])
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        reason = first[1].strip() if len(first) > 1 else first[0]
+        raise ValueError(
+            f"its weights do not fit model {checkpoint['model']!r} with {checkpoint['num_classes']} classes ({reason})"
+        ) from None
+    return model
+
+
+# ---------------------------------------------------------------- progress of an unfinished stage
+
+
+def rng_states(generator):
+    """Every random state that training draws from, in a weights_only-safe form."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "data": generator.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(states, generator):
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["data"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_state(objective):
+    """The objective's state without the frozen teacher: the network being
+    trained and any adapters of the method."""
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")}
+
+
+def save_progress(path, progress, stage):
+    """Write an unfinished stage's progress: `progress` (train.py's Progress,
+    as a dict), the settings, device and teacher of `stage` (train.py's Stage),
+    and the state of its objective, optimizer, scheduler, lookahead (or None)
+    and data generator."""
+    state = {
+        "stage": stage.name,
+        "config": json_safe(stage.cfg),
+        "device": stage.device.type,
+        "teacher": stage.teacher_digest,
+        "progress": progress,
+        "trainable": trainable_state(stage.objective),
+        "optimizer": stage.optimizer.state_dict(),
+        "scheduler": stage.scheduler.state_dict(),
+        "lookahead": None if stage.lookahead is None else stage.lookahead.state_dict(),
+        "rng": rng_states(stage.generator),
+    }
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_progress(path):
+    """The saved progress at `path`; ValueError with a one-line reason when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read it ({str(error).splitlines()[0][:200]})") from None
+
+
+def restore_progress(state, stage):
+    """Load saved progress into the freshly built objective, optimizer,
+    scheduler, lookahead and data generator of `stage`. RuntimeError when the
+    weights no longer fit the objective."""
+    stage.objective.load_state_dict({**stage.objective.state_dict(), **state["trainable"]})
+    stage.optimizer.load_state_dict(state["optimizer"])
+    stage.scheduler.load_state_dict(state["scheduler"])
+    if stage.lookahead is not None:
+        stage.lookahead.load_state_dict(state["lookahead"])
+    restore_rng_states(state["rng"], stage.generator)

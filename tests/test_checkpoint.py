@@ -1,0 +1,40 @@
+"""The checkpoint format: round trips, and files that are not ours."""
+
+import pytest
+import torch
+
+import checkpoint
+import models
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    model = models.build("airnet_xs", 4, 3).eval()
+    model(torch.randn(8, 3, 32, 32))  # nothing changes in eval mode, but exercise it
+    saved = {
+        "model": "airnet_xs",
+        "num_classes": 4,
+        "in_channels": 3,
+        "classes": list("abcd"),
+        "state_dict": model.state_dict(),
+    }
+    torch.save(saved, tmp_path / "c.pt")
+    loaded = checkpoint.build_model(checkpoint.load(tmp_path / "c.pt")).eval()
+    x = torch.randn(5, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_checkpoint_of_wrong_shape_is_a_readable_error(tmp_path):
+    state = models.build("airnet_xs", 4, 3).state_dict()
+    saved = {"model": "airnet_xs", "num_classes": 10, "in_channels": 3, "classes": list("abcd"), "state_dict": state}
+    with pytest.raises(ValueError, match="do not fit"):
+        checkpoint.build_model(saved)
+
+
+def test_load_refuses_other_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this repo"):
+        checkpoint.load(tmp_path / "other.pt")
