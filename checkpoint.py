@@ -50,7 +50,8 @@ def json_safe(cfg):
 # ---------------------------------------------------------------- finished stages
 
 
-def save(path, stage, cfg, dataset, model_name, state_dict, metrics):
+def save(path, stage, cfg, dataset, model_name, state_dict, metrics, teacher_digest=None):
+    """Write a finished stage; `teacher_digest` names the teacher.pt a distilled student learnt from."""
     checkpoint = {
         "stage": stage,
         "dataset": cfg["DATASET"],
@@ -65,6 +66,7 @@ def save(path, stage, cfg, dataset, model_name, state_dict, metrics):
         "state_dict": state_dict,
         "config": json_safe(cfg),
         "metrics": metrics,
+        "teacher_digest": teacher_digest,
     }
     atomic_write(path, lambda p: torch.save(checkpoint, p))
 

@@ -10,7 +10,7 @@ def sgd(params, lr, cfg):
 
 
 def adamw(params, lr, cfg):
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99))
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg["ADAM_BETAS"]))
 
 
 OPTIMIZERS = {"sgd": sgd, "adamw": adamw}  # name -> constructor(param groups, lr, config)

@@ -32,7 +32,7 @@ import models
 import optim
 import runtime
 
-STAGES = ("teacher", "student", "distilled")
+STAGES = config.STAGE_NAMES
 
 # ---------------------------------------------------------------- distributed (torchrun)
 # torchrun starts one process per GPU (on one or several machines) and tells
@@ -144,21 +144,22 @@ def resume_command():
 
 
 @torch.no_grad()
-def evaluate(
-    model, images, labels, mean, std, batch_size=1024, tta=False, autocast=contextlib.nullcontext, channels_last=True
-):
-    """Top-1 accuracy of `model` on uint8 images. With tta, the softmax of each
-    image and of its mirror are averaged. One host sync, at the end."""
+def evaluate(model, images, labels, mean, std, tta=False, channels_last=True, batch_size=256):
+    """Top-1 and top-5 accuracy of `model` on uint8 images, in float32 and in
+    batches as predict.py runs it, so that the two agree on every machine
+    (bf16 would move the reported accuracy with the CPU's kind). With tta,
+    the softmax of each image and of its mirror are averaged. One host sync."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    correct = torch.zeros(2, dtype=torch.int64, device=images.device)
     for start in range(0, len(labels), batch_size):
         batch = data.normalize(images[start : start + batch_size], mean, std, channels_last)
-        with autocast():
-            probs = models.probabilities(model, batch, tta)
-        correct += (probs.argmax(1) == labels[start : start + batch_size]).sum()
+        probs = models.probabilities(model, batch, tta)
+        hits = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels[start : start + batch_size, None]
+        correct += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
     model.train(was_training)
-    return correct.item() / max(1, len(labels))
+    top1, top5 = (hits / max(1, len(labels)) for hits in correct.tolist())
+    return top1, top5
 
 
 def percent(fraction):
@@ -199,16 +200,9 @@ class Stage:
         return self.out_dir / f"{self.name}{suffix}"
 
     def evaluate(self, images, labels):
-        return evaluate(
-            self.model,
-            images,
-            labels,
-            self.dataset.mean,
-            self.dataset.std,
-            tta=self.cfg["TTA"],
-            autocast=self.autocast,
-            channels_last=self.cfg["CHANNELS_LAST"],
-        )
+        """Top-1 and top-5 accuracy, in float32."""
+        mean, std = self.dataset.mean, self.dataset.std
+        return evaluate(self.model, images, labels, mean, std, self.cfg["TTA"], self.cfg["CHANNELS_LAST"])
 
 
 def build_stage(name, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None):
@@ -431,7 +425,7 @@ def end_epoch(stage, progress, sums, bar):
         )
     train_loss = sums.loss_sum.item() / stage.steps
     dataset = stage.dataset
-    val_acc = stage.evaluate(dataset.val_x, dataset.val_y) if len(dataset.val_y) and master_process else None
+    val_acc = stage.evaluate(dataset.val_x, dataset.val_y)[0] if len(dataset.val_y) and master_process else None
     record = {
         "epoch": progress.epoch,
         "loss": round(train_loss, 5),
@@ -463,12 +457,13 @@ def finish_stage(stage, progress):
         return None
     model, dataset, cfg = stage.model, stage.dataset, stage.cfg
     model.load_state_dict(progress.best["state"])
-    test_acc = stage.evaluate(dataset.test_x, dataset.test_y)
+    test_acc, test_top5 = stage.evaluate(dataset.test_x, dataset.test_y)
     latency_ms, throughput = runtime.cpu_speed(model, dataset.in_channels, dataset.image_size)
     metrics = {
         "model": stage.model_name,
         "params": models.count_params(model),
         "test_acc": test_acc,
+        "test_top5": test_top5,
         "best_val_acc": progress.best["acc"],
         "best_epoch": progress.best["epoch"],
         "epochs": stage.epochs,
@@ -477,10 +472,10 @@ def finish_stage(stage, progress):
         "cpu_throughput": round(throughput, 1),
         "device": str(stage.device),
         "tta": cfg["TTA"],
+        "method": cfg["METHOD"] if stage.name == "distilled" else "cross-entropy",
     }
-    if stage.name == "distilled":
-        metrics["method"] = cfg["METHOD"]
-    checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics)
+    checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics,
+                    stage.teacher_digest)  # fmt: skip
     stage.path(".last.pt").unlink(missing_ok=True)
     print(
         f"{stage.name}: test accuracy {test_acc:.2%} (best epoch {progress.best['epoch']}, val "
@@ -494,34 +489,36 @@ def finish_stage(stage, progress):
 # ---------------------------------------------------------------- the pipeline
 
 
-def load_finished(out_dir, stage, expected_model, dataset):
-    """The checkpoint of a finished stage, or None when there is none.
-
-    A checkpoint of another model or class list is an error, not something to
-    silently reuse."""
+def load_finished(out_dir, stage, cfg, dataset, teacher_digest=None):
+    """The checkpoint of a finished stage (None when there is none), and what
+    differs between the settings that made it and this run's (a stage may be
+    reused only when nothing does). For the distilled stage, the teacher is
+    part of its settings: `teacher_digest` is that of the teacher.pt it would
+    be distilled from now (None: the teacher is retrained)."""
     path = out_dir / f"{stage}.pt"
     if not path.exists():
-        return None
+        return None, []
     try:
         saved = checkpoint.load(path)
     except ValueError as error:
         raise TrainingError(f"{path}: {error}; delete it or pass --fresh to retrain") from None
-    if saved["model"] != expected_model or saved["classes"] != dataset.classes:
-        raise TrainingError(
-            f"{path} holds a {saved['model']} trained on other classes or another model than "
-            f"{expected_model}; pass --fresh to retrain it, or another --out-dir"
-        )
     if "metrics" not in saved:
         raise TrainingError(f"{path} is not a finished stage of train.py (no metrics); pass --fresh to retrain it")
-    return saved
+    changed = config.differences(saved["config"], cfg, stage)
+    if saved["classes"] != dataset.classes:
+        changed.append("the dataset's classes")
+    if stage == "distilled" and saved.get("teacher_digest") != teacher_digest:
+        changed.append("the teacher (another teacher.pt)")
+    return saved, changed
 
 
-def load_unfinished(out_dir, stage, cfg, device):
+def load_unfinished(out_dir, stage, cfg, device, teacher_digest=None):
     """The saved progress of an unfinished stage (its .last.pt), or None.
 
-    It is used only with --resume, and must come from the same settings; with
-    --fresh it is ignored and later overwritten; otherwise it stops the run, so
-    that no progress is lost by accident."""
+    It is used only with --resume, and must come from the same settings (and
+    the same teacher, see load_finished); with --fresh it is ignored and later
+    overwritten; otherwise it stops the run, so that no progress is lost by
+    accident."""
     path = out_dir / f"{stage}.last.pt"
     if not path.exists() or cfg["FRESH"]:
         return None
@@ -535,14 +532,12 @@ def load_unfinished(out_dir, stage, cfg, device):
         state = checkpoint.load_progress(path)
     except ValueError as error:
         raise TrainingError(f"{path}: {error}; delete it or pass --fresh", exit_code=2) from None
-    was, now = state["config"], checkpoint.json_safe(cfg)
-    changed = [k for k, v in now.items() if k not in config.RUNTIME_SETTINGS and was.get(k) != v]
+    changed = config.differences(state["config"], cfg, stage)
+    if stage == "distilled" and state["teacher"] != teacher_digest:
+        changed.append("the teacher (another teacher.pt)")
     if changed:
-        raise TrainingError(
-            f"{path} was started with other settings ({' '.join(config.typed(k, was.get(k)) for k in changed)}); "
-            f"resume with those, or pass --fresh",
-            exit_code=2,
-        )
+        raise TrainingError(f"{path} was started with other settings ({'; '.join(changed)}); resume with those, "
+                            f"or pass --fresh", exit_code=2)  # fmt: skip
     if state["device"] != device.type:  # the data generator's state belongs to its device
         raise TrainingError(
             f"{path} was started on {state['device']}; resume it with --device {state['device']}, or pass --fresh",
@@ -560,17 +555,32 @@ def saved_teacher(out_dir, saved):
         raise TrainingError(f"{path}: {error}; pass --fresh to retrain the teacher") from None
 
 
-def results_table(rows):
+def results_table(rows, num_classes):
+    """The stages side by side (with top-5 accuracy for more than 10 classes), then the distillation's gain."""
+    top5 = num_classes > 10
     lines = [
-        "| stage | model | params | test accuracy | CPU latency (batch 1) | CPU throughput (batch 256) | train time |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| stage | model | method | params | test accuracy |{' top-5 |' if top5 else ''} CPU latency (batch 1) "
+        f"| CPU throughput (batch 256) | train time |",
+        f"|---|---|---|---:|---:|{'---:|' if top5 else ''}---:|---:|---:|",
     ]
     for stage, m in rows.items():
+        top5_cell = f" {m['test_top5']:.2%} |" if top5 else ""
         lines.append(
-            f"| {stage} | {m['model']} | {m['params']:,} | {m['test_acc']:.2%} | {m['cpu_latency_ms']:.2f} ms "
+            f"| {stage} | {m['model']} | {m['method']} | {m['params']:,} | {m['test_acc']:.2%} |{top5_cell}"
+            f" {m['cpu_latency_ms']:.2f} ms "
             f"| {m['cpu_throughput']:,.0f} img/s | {m['train_seconds']:.0f} s |"
         )
+    gain = distillation_gain(rows)
+    if gain is not None:
+        lines.append(f"\nDistillation gain: {gain:+.2f} points of test accuracy (distilled against student alone).")
     return "\n".join(lines) + "\n"
+
+
+def distillation_gain(rows):
+    """Test accuracy points the distilled student gains over the student alone, or None without both."""
+    if "student" in rows and "distilled" in rows:
+        return round(100 * (rows["distilled"]["test_acc"] - rows["student"]["test_acc"]), 2)
+    return None
 
 
 def check_writable(folder):
@@ -644,26 +654,47 @@ def load_data(cfg, device, out_dir):
 
 
 def plan(cfg, dataset, device, out_dir):
-    """What to run: the stages to train (with any saved progress) and the
-    finished checkpoints to reuse."""
+    """What to run: the stages to train (each with its saved progress, or
+    None) and the finished checkpoints to reuse. A saved stage whose settings
+    differ from this run's is never reused: it stops the run when it is asked
+    for (or needed as the teacher), and is left out of the results otherwise."""
     requested = [s for s in STAGES if s in cfg["STAGES"].split(",")]
-    finished = {}
+    finished, stale = {}, {}
     for stage in STAGES:
-        if not (cfg["FRESH"] and stage in requested):
-            saved = load_finished(out_dir, stage, cfg["TEACHER"] if stage == "teacher" else cfg["STUDENT"], dataset)
-            if saved is not None:
-                finished[stage] = saved
-    if "distilled" in requested and "teacher" not in requested and "teacher" not in finished:
-        print("distilled needs a teacher and none is saved: training the teacher first")
+        if cfg["FRESH"] and stage in requested:
+            continue
+        digest = checkpoint.file_digest(out_dir / "teacher.pt") if "teacher" in finished else None
+        saved, changed = load_finished(out_dir, stage, cfg, dataset, digest)
+        if saved is not None:
+            (stale if changed else finished)[stage] = changed or saved
+    if "distilled" in requested and "distilled" not in finished and "teacher" not in [*finished, *requested]:
+        if "teacher" not in stale:
+            print("distilled needs a teacher and none is saved: training the teacher first")
         requested.insert(0, "teacher")
-    for stage in requested:
-        if stage in finished:
-            print(
-                f"{stage}: {out_dir / f'{stage}.pt'} exists (test accuracy "
-                f"{finished[stage]['metrics']['test_acc']:.2%}); skipping it (--fresh retrains)"
-            )
-    todo = {stage: load_unfinished(out_dir, stage, cfg, device) for stage in requested if stage not in finished}
+    for stage in STAGES:
+        path = out_dir / f"{stage}.pt"
+        if stage in stale and stage in requested:
+            raise TrainingError(f"{path} was made with other settings ({'; '.join(stale[stage])}); pass --fresh to "
+                                f"retrain it, or choose another --out-dir", exit_code=2)  # fmt: skip
+        if stage in stale:
+            print(f"{stage}: {path} was made with other settings; left out of the results")
+        elif stage in finished and stage in requested:
+            print(f"{stage}: {path} exists (test accuracy {finished[stage]['metrics']['test_acc']:.2%}); "
+                  f"skipping it (--fresh retrains)")  # fmt: skip
+    teacher_digest = checkpoint.file_digest(out_dir / "teacher.pt") if "teacher" in finished else None
+    todo = {stage: load_unfinished(out_dir, stage, cfg, device, teacher_digest if stage == "distilled" else None)
+            for stage in requested if stage not in finished}  # fmt: skip
     return todo, finished
+
+
+def report(cfg, dataset, results, out_dir):
+    rows = {stage: results[stage] for stage in STAGES if stage in results}
+    table = results_table(rows, len(dataset.classes))
+    print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}")
+    checkpoint.write_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\nData: {dataset.source}\n\n{table}")
+    summary = {"dataset": cfg["DATASET"], "data_source": dataset.source, "stages": rows,
+               "distillation_gain": distillation_gain(rows)}  # fmt: skip
+    checkpoint.write_text(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
 
 
 def main(argv=None):
@@ -675,37 +706,19 @@ def main(argv=None):
     teacher = digest = None
     if "distilled" in todo and "teacher" in finished:  # check the saved teacher now, not after the other stages
         teacher, digest = saved_teacher(out_dir, finished["teacher"])
-    if todo.get("distilled") is not None and todo["distilled"]["teacher"] != digest:
-        raise TrainingError(
-            f"{out_dir / 'distilled.last.pt'} was distilled from another teacher.pt than the one "
-            f"there is now; pass --fresh to start the distilled stage over",
-            exit_code=2,
-        )
     for stage, resume in todo.items():
         distilled = stage == "distilled"
         try:
-            results[stage] = train_stage(
-                stage,
-                cfg,
-                dataset,
-                device,
-                out_dir,
-                teacher if distilled else None,
-                digest if distilled else None,
-                resume,
-            )
+            results[stage] = train_stage(stage, cfg, dataset, device, out_dir, teacher if distilled else None,
+                                         digest if distilled else None, resume)  # fmt: skip
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"{stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; try a smaller --batch-size"
             ) from None
         if stage == "teacher":  # distil from the teacher as saved (in a torchrun job, every process reads it)
-            teacher, digest = saved_teacher(out_dir, load_finished(out_dir, "teacher", cfg["TEACHER"], dataset))
+            teacher, digest = saved_teacher(out_dir, checkpoint.load(out_dir / "teacher.pt"))
     if master_process:
-        rows = {stage: results[stage] for stage in STAGES if stage in results}
-        table = results_table(rows)
-        print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}")
-        checkpoint.write_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\n{table}")
-        checkpoint.write_text(out_dir / "results.json", json.dumps(rows, indent=2) + "\n")
+        report(cfg, dataset, results, out_dir)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def fingerprint(out_root):
             continue  # a copy of the pipeline's teacher
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         results = json.loads((checkpoint.parent / "results.json").read_text())
+        results = results.get("stages", results)  # the layout since issue 13 nests the stages
         log = [json.loads(line) for line in checkpoint.with_suffix(".jsonl").read_text().splitlines()]
         found[f"{run_name}/{stage}"] = (
             tensor_digest(state["state_dict"]),

@@ -62,7 +62,7 @@ def test_two_processes_train_one_model_and_rank_zero_writes_once(easy_cifar, tmp
         log = [json.loads(line) for line in (folder / f"{stage}.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in log] == list(range(1, epochs + 1))  # one writer, one line per epoch
         assert all(r["images"] == 7 * 16 for r in log)  # both halves of 7 batches of 16 are counted
-    assert set(json.loads((folder / "results.json").read_text())) == {"teacher", "student", "distilled"}
+    assert set(json.loads((folder / "results.json").read_text())["stages"]) == {"teacher", "student", "distilled"}
     assert checkpoint.load(folder / "teacher.pt")["metrics"]["test_acc"] > 0.5  # the easy data is learnt
 
 

@@ -1,12 +1,18 @@
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import checkpoint
+import config
+import data
+import distill
 import models
-from conftest import FAST, assert_one_line_error, run_script, write_cifar10
+import optim
+from conftest import FAST, assert_one_line_error, run_script, write_cifar10, write_cifar100, write_image_tree
 
 
 def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
@@ -23,13 +29,16 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
         log = [json.loads(line) for line in (folder / f"{stage}.jsonl").read_text().splitlines()]
         assert len(log) == 1 and {"epoch", "loss", "train_acc", "val_acc", "lr", "images", "seconds"} <= set(log[0])
-    results = json.loads((folder / "results.json").read_text())
+    results = json.loads((folder / "results.json").read_text())["stages"]
     assert set(results) == {"teacher", "student", "distilled"}
     for row in results.values():
         assert {"model", "params", "test_acc"} <= set(row) and 0 <= row["test_acc"] <= 1 and row["params"] > 0
     assert results["teacher"]["params"] > results["student"]["params"]
     table = (folder / "results.md").read_text()
-    assert "| distilled | airnet_xs |" in table and "CPU latency" in table
+    assert "| distilled | airnet_xs | kd |" in table and "| student | airnet_xs | cross-entropy |" in table
+    gain = json.loads((folder / "results.json").read_text())["distillation_gain"]
+    assert gain == round(100 * (results["distilled"]["test_acc"] - results["student"]["test_acc"]), 2)
+    assert f"Distillation gain: {gain:+.2f} points" in table
 
     stamp = (folder / "teacher.pt").stat().st_mtime_ns
     again = run_script("train.py", "--data-dir", tmp_path / "data", "--out-dir", out, *FAST)
@@ -174,18 +183,20 @@ def test_every_method_trains_through_train_py(method_setup, method):
         "--method",
         method,
         "--epochs",
-        "2",
+        "3,2,2",
         "--dkd-warmup",
         "0",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     log = [json.loads(line) for line in (out / "cifar10" / "distilled.jsonl").read_text().splitlines()]
-    assert log[1]["loss"] < log[0]["loss"], log
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log), log
     saved = checkpoint.load(out / "cifar10" / "distilled.pt")
     assert saved["metrics"]["method"] == method
-    # the student's saved holds the student alone: no adapter, no teacher
-    student_keys = set(models.build("airnet_xs", 10, 3).state_dict())
-    assert set(saved["state_dict"]) == student_keys
+    # the student's checkpoint holds the student alone (no adapter, no teacher), and it trained
+    torch.manual_seed(0)  # the seed train.py builds the student with
+    initial = models.build("airnet_xs", 10, 3).state_dict()
+    assert set(saved["state_dict"]) == set(initial)
+    assert not torch.equal(saved["state_dict"]["head.0.weight"], initial["head.0.weight"])
 
 
 def test_paper_recipe_sets_the_benchmark_settings_and_explicit_flags_win(tmp_path):
@@ -280,6 +291,121 @@ def test_without_a_validation_split_the_last_epoch_is_kept_and_logs_are_strict_j
 
     folder = tmp_path / "out" / "cifar10"
     log = [json.loads(line, parse_constant=refuse) for line in (folder / "teacher.jsonl").read_text().splitlines()]
-    results = json.loads((folder / "results.json").read_text(), parse_constant=refuse)
+    results = json.loads((folder / "results.json").read_text(), parse_constant=refuse)["stages"]
     assert [r["val_acc"] for r in log] == [None, None]
     assert results["teacher"]["best_val_acc"] is None and results["teacher"]["best_epoch"] == 2
+
+
+def tiny_dataset(num_classes=10, n=64):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(n) % num_classes
+    return data.Data(images, labels, images[:0], labels[:0], images, labels, [str(i) for i in range(num_classes)],
+                     (0.5,) * 3, (0.25,) * 3, "generated")  # fmt: skip
+
+
+def built_stage(*args):
+    """The settings, optimizer, scheduler and lookahead of a teacher stage of 100 steps, built as train.py does."""
+    cfg = config.parse(list(args))
+    objective = distill.build_objective(cfg, cfg["TEACHER"], tiny_dataset(), torch.device("cpu"))
+    return (cfg, *optim.build(objective, cfg, cfg["LR"][0], 100))
+
+
+def test_adam_with_warm_up_and_linear_decay_is_the_default_and_airbench_is_sgd():
+    cfg, optimizer, scheduler, lookahead = built_stage()
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["betas"] == cfg["ADAM_BETAS"]
+    assert {group["lr"] for group in optimizer.param_groups} == {cfg["LR"][0] / round(100 * cfg["WARMUP"])}
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {cfg["WEIGHT_DECAY"], 0.0}
+    multiplier, warmup = scheduler.lr_lambdas[0], round(100 * cfg["WARMUP"])
+    assert [multiplier(s) for s in (0, warmup - 1, 55, 99)] == pytest.approx(
+        [1 / warmup, 1, 45 / (100 - warmup), 1 / (100 - warmup)]
+    )
+    assert lookahead is None and cfg["LABEL_SMOOTHING"] == 0.0
+
+    cfg, optimizer, scheduler, lookahead = built_stage("--recipe", "airbench")
+    assert (
+        type(optimizer) is torch.optim.SGD and optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.85
+    )
+    assert sorted(group["initial_lr"] for group in optimizer.param_groups) == [0.375, 0.375, 0.375 * 64]
+    assert optimizer.defaults["weight_decay"] == 0 and cfg["WEIGHT_DECAY"] == 1.33e-3  # L2 in the groups
+    assert isinstance(lookahead, optim.Lookahead) and cfg["LABEL_SMOOTHING"] == 0.2 and cfg["WARMUP"] == 0.23
+    assert cfg["EPOCHS"] == (11, 5, 5) and cfg["CROP_PADDING"] == 2
+
+
+def test_cifar100_reports_a_top5_accuracy_that_matches_a_hand_count(tmp_path):
+    write_cifar100(tmp_path / "data", per_class_train=2, per_class_test=1)
+    result = run_script("train.py", "--dataset", "cifar100", "--data-dir", tmp_path / "data", "--out-dir",
+                        tmp_path / "out", *FAST, "--stages", "teacher", "--val-size", "100")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = tmp_path / "out" / "cifar100"
+    saved = checkpoint.load(folder / "teacher.pt")
+    model = checkpoint.build_model(saved).eval()
+    splits = data.load_cifar("cifar100", tmp_path / "data", [], 32, download=False)
+    with torch.no_grad():
+        probs = models.probabilities(model, data.normalize(splits.test_x, saved["mean"], saved["std"]), tta=True)
+    ranked = np.argsort(-probs.numpy(), axis=1)[:, :5]
+    by_hand = np.mean([label in row for label, row in zip(splits.test_y.tolist(), ranked)])
+    reported = json.loads((folder / "results.json").read_text())["stages"]["teacher"]
+    assert len(splits.classes) == 100 and reported["test_top5"] == pytest.approx(by_hand, abs=1e-9)
+    assert reported["test_top5"] >= reported["test_acc"]
+    assert "| top-5 |" in (folder / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny pipeline."""
+    root = tmp_path_factory.mktemp("reuse")
+    write_cifar10(root / "data", per_class_train=4, per_class_test=1)
+    result = run_script("train.py", "--data-dir", root / "data", "--out-dir", root / "out", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+STALE = [
+    (["--stages", "distilled", "--method", "dkd"], "distilled.pt", "--method kd then, dkd now"),
+    (["--stages", "distilled", "--temperature", "2"], "distilled.pt", "--temperature 4.0 then, 2.0 now"),
+    (["--stages", "student", "--epochs", "1,2,1"], "student.pt", "--epochs 1 then, 2 now"),
+    (["--stages", "teacher", "--weight-decay", "0.1"], "teacher.pt", "--weight-decay"),
+]
+
+
+@pytest.mark.parametrize("args,path,named", STALE, ids=[" ".join(a) for a, _, _ in STALE])
+def test_a_stage_made_with_other_settings_is_refused_and_kept(finished_run, args, path, named):
+    folder = finished_run / "out" / "cifar10"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.pt")}
+    result = run_script(
+        "train.py", "--data-dir", finished_run / "data", "--out-dir", finished_run / "out", *FAST, *args
+    )
+    assert_one_line_error(result, path, "other settings", named, "--fresh", code=2)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.pt")} == before
+
+
+def test_a_distilled_stage_is_refused_against_another_teacher_and_reused_with_its_own(finished_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run / "out", out)
+    same = run_script("train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST)
+    assert same.returncode == 0 and same.stdout.count("skipping") == 3, same.stderr[-2000:]
+    teacher = torch.load(out / "cifar10" / "teacher.pt", weights_only=True)  # another teacher, of the same settings
+    teacher["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in teacher["state_dict"].items()}
+    torch.save(teacher, out / "cifar10" / "teacher.pt")
+    result = run_script("train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST, "--stages",
+                        "student,distilled")  # fmt: skip
+    assert_one_line_error(result, "distilled.pt", "the teacher (another teacher.pt)", "--fresh", code=2)
+    left_out = run_script(
+        "train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST, "--stages", "student"
+    )
+    assert left_out.returncode == 0 and "distilled.pt was made with other settings; left out" in left_out.stdout
+    assert set(json.loads((out / "cifar10" / "results.json").read_text())["stages"]) == {"teacher", "student"}
+
+
+def test_reported_test_accuracy_is_what_predict_evaluate_measures_under_bf16(tmp_path):
+    tree = write_image_tree(tmp_path / "tree", classes=("a", "b", "c", "d"), per_class_train=12, per_class_test=10,
+                            mixed=False)  # fmt: skip
+    result = run_script("train.py", "--dataset", "folder", "--data-dir", tree, "--out-dir", tmp_path / "out", *FAST,
+                        "--stages", "teacher", "--amp", "bf16", "--epochs", "3")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    reported = json.loads((tmp_path / "out" / "folder" / "results.json").read_text())["stages"]["teacher"]
+    evaluated = run_script("predict.py", tree / "test", "--evaluate", "--checkpoint",
+                           tmp_path / "out" / "folder" / "teacher.pt", "--device", "cpu")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert f"accuracy {reported['test_acc']:.2%} on 40 images" in evaluated.stdout
