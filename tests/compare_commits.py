@@ -25,23 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import write_cifar10  # noqa: E402
+from conftest import FAST, write_cifar10  # noqa: E402
 
-TINY = [
-    "--teacher",
-    "airnet_s",
-    "--student",
-    "airnet_xs",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "16",
-    "--val-size",
-    "10",
-    "--device",
-    "cpu",
-    "--deterministic",
-]
+TINY = [*FAST, "--epochs", "2", "--deterministic"]
 METHODS = ["kd", "dkd", "lskd", "fitnet", "at"]
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import CIFAR10_NAMES, write_cifar10, write_cifar100, write_fashion_mnist, write_image_tree
+from conftest import CIFAR10_NAMES, tensor_dataset, write_cifar10, write_cifar100, write_fashion_mnist, write_image_tree
 
 
 def check_splits(splits, n_train, n_test, shape, num_classes):
@@ -175,18 +175,7 @@ def test_alternating_flip_flips_each_image_every_other_epoch():
 def test_train_batches_flip_exactly_the_images_they_are_told_to():
     images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
     labels = torch.arange(6)
-    dataset = data.Data(
-        images,
-        labels,
-        images[:0],
-        labels[:0],
-        images[:0],
-        labels[:0],
-        [str(i) for i in range(6)],
-        (0.0,) * 3,
-        (1 / 255,) * 3,
-        "test",
-    )
+    dataset = tensor_dataset(images, labels, 6, (0.0,) * 3, (1 / 255,) * 3)
     flips = torch.tensor([True, False, True, True, False, False])
     order = torch.tensor([4, 0, 5, 2, 1, 3])
     batches = list(data.train_batches(dataset, order, 3, 0, flips, torch.Generator(), channels_last=False))
@@ -201,18 +190,7 @@ def test_train_batches_flip_exactly_the_images_they_are_told_to():
 def test_the_parts_of_a_torchrun_job_make_up_exactly_the_single_process_batches(world):
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40)
-    dataset = data.Data(
-        images,
-        labels,
-        images[:0],
-        labels[:0],
-        images[:0],
-        labels[:0],
-        [str(i) for i in range(40)],
-        (0.5,) * 3,
-        (0.25,) * 3,
-        "test",
-    )
+    dataset = tensor_dataset(images, labels, 40, (0.5,) * 3, (0.25,) * 3)
     order = torch.randperm(40)
 
     def batches(shard):

@@ -12,7 +12,15 @@ import data
 import distill
 import models
 import optim
-from conftest import FAST, assert_one_line_error, run_script, write_cifar10, write_cifar100, write_image_tree
+from conftest import (
+    FAST,
+    assert_one_line_error,
+    run_script,
+    tensor_dataset,
+    write_cifar10,
+    write_cifar100,
+    write_image_tree,
+)
 
 
 def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
@@ -226,7 +234,7 @@ def test_paper_recipe_sets_the_benchmark_settings_and_explicit_flags_win(tmp_pat
     )
     assert result.returncode == 0, result.stderr[-2000:]
     used = checkpoint.load(tmp_path / "out" / "cifar10" / "student.pt")["config"]
-    assert (used["OPTIMIZER"], used["LR"], used["MOMENTUM"], used["WEIGHT_DECAY"]) == ("sgd", 0.05, 0.9, 5e-4)
+    assert (used["OPTIMIZER"], used["MOMENTUM"], used["WEIGHT_DECAY"]) == ("sgd", 0.9, 5e-4)
     assert used["LR_SCHEDULE"] == "step" and used["LR_MILESTONES"] == [0.625, 0.75, 0.875]
     assert used["LR"] == [0.05, 0.01, 0.01]  # MobileNetV2 and ShuffleNet students train at 0.01
     assert used["VAL_SIZE"] == 0 and used["TTA"] is False and used["ALPHA"] == 0.9 and used["TEMPERATURE"] == 4.0
@@ -296,18 +304,12 @@ def test_without_a_validation_split_the_last_epoch_is_kept_and_logs_are_strict_j
     assert results["teacher"]["best_val_acc"] is None and results["teacher"]["best_epoch"] == 2
 
 
-def tiny_dataset(num_classes=10, n=64):
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(n) % num_classes
-    return data.Data(images, labels, images[:0], labels[:0], images, labels, [str(i) for i in range(num_classes)],
-                     (0.5,) * 3, (0.25,) * 3, "generated")  # fmt: skip
-
-
 def built_stage(*args):
     """The settings, optimizer, scheduler and lookahead of a teacher stage of 100 steps, built as train.py does."""
     cfg = config.parse(list(args))
-    objective = distill.build_objective(cfg, cfg["TEACHER"], tiny_dataset(), torch.device("cpu"))
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = tensor_dataset(images, torch.arange(64) % 10, 10)
+    objective = distill.build_objective(cfg, cfg["TEACHER"], dataset, torch.device("cpu"))
     return (cfg, *optim.build(objective, cfg, cfg["LR"][0], 100))
 
 
