@@ -525,7 +525,7 @@ def main(argv=None):
     if cfg["DETERMINISTIC"]:
         make_deterministic()
 
-    if not Path(cfg["DATA_DIR"]).is_dir() and (cfg["DATASET"] == "folder" or (cfg["DATASET"].startswith("cifar")
+    if not Path(cfg["DATA_DIR"]).is_dir() and (cfg["DATASET"] == "folder" or (cfg["DATASET"] == "cifar100"
                                                                              and not cfg["DOWNLOAD"])):
         config.fail("data-dir", f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"
                     + ("" if cfg["DATASET"] == "folder" else " or allow --download"))

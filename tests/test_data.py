@@ -74,9 +74,9 @@ def test_crafted_cifar_pickle_is_refused(tmp_path):
 
 
 def test_missing_data_says_where_and_how(tmp_path):
-    with pytest.raises(data.DataError) as error:
-        data.load_cifar("cifar10", tmp_path / "nowhere", [], 32, download=False)
-    assert "nowhere" in str(error.value) and "cifar-10-python.tar.gz" in str(error.value)
+    with pytest.raises(data.DataError) as error:  # (cifar10 falls back to the bundled copy: tests/test_bundled.py)
+        data.load_cifar("cifar100", tmp_path / "nowhere", [], 32, download=False)
+    assert "nowhere" in str(error.value) and "cifar-100-python.tar.gz" in str(error.value)
     assert "--data-dir" in str(error.value)
 
 
