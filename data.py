@@ -212,6 +212,12 @@ def load_image_tree(root, size, channels, cache_dirs):
     return Splits(train_x, train_y, test_x, test_y, classes, str(root))
 
 
+def origin(source):
+    """Splits.source without the cache the images were read from this time,
+    which says nothing about the data: for results, which compare sources."""
+    return source.split(" (cached in ")[0]
+
+
 def read_archive_tree(path):
     """{(split, class, file name): bytes} of the image files of a .tar.gz that
     holds a train/<class>/* + test/<class>/* tree (under any top folder),

@@ -372,7 +372,7 @@ def train_stage(stage, cfg, dataset, device, out_dir, teacher=None, teacher_dige
     metrics = {"model": model_name, "params": params, "test_acc": test_acc, "best_val_acc": best["acc"],
                "best_epoch": best["epoch"], "epochs": epochs, "train_seconds": round(train_seconds, 1),
                "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1),
-               "device": str(device), "tta": cfg["TTA"]}
+               "device": str(device), "tta": cfg["TTA"], "data": data.origin(dataset.source)}
     if teacher is not None:
         metrics["method"] = cfg["METHOD"]
     checkpoint = {"stage": stage, "dataset": cfg["DATASET"], "model": model_name,
@@ -429,6 +429,15 @@ def saved_teacher(out_dir, checkpoint):
     """The network of the teacher saved in out_dir, and the digest of its file."""
     path = stage_path(out_dir, "teacher")
     return teacher_model(checkpoint, path), file_digest(path)
+
+
+def data_sources(rows):
+    """Where the stages' data came from, for results.md: one source, or one per
+    stage when they differ (a stage kept from a run on other data)."""
+    sources = {stage: m.get("data", "not recorded") for stage, m in rows.items()}
+    if len(set(sources.values())) == 1:
+        return f"data: {next(iter(sources.values()))}\n"
+    return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
 
 
 def results_table(rows):
@@ -580,8 +589,9 @@ def main(argv=None):
         return
     rows = {stage: results[stage] for stage in STAGES if stage in results}
     table = results_table(rows)
-    print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}")
-    save_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\n{table}")
+    print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}"
+          f"{data_sources(rows)}")
+    save_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\n{table}\n{data_sources(rows)}")
     save_text(out_dir / "results.json", json.dumps(rows, indent=2) + "\n")
 
 

@@ -29,6 +29,8 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     assert results["teacher"]["params"] > results["student"]["params"]
     table = (folder / "results.md").read_text()
     assert "| distilled | airnet_xs |" in table and "CPU latency" in table
+    source = str(tmp_path / "data" / "cifar-10-python.tar.gz")  # results name the data they were measured on
+    assert all(row["data"] == source for row in results.values()) and f"\ndata: {source}\n" in table
 
     stamp = (folder / "teacher.pt").stat().st_mtime_ns
     again = run_script("train.py", "--data-dir", tmp_path / "data", "--out-dir", out, *FAST)
