@@ -1,12 +1,15 @@
 """The CIFAR-10 JPEG copy bundled in datasets/: the offline fallback, and a smoke run on real images."""
 
+import json
+import tarfile
 import urllib.error
+from pathlib import PurePosixPath
 
 import pytest
 import torch
 
 import data
-from conftest import CIFAR10_NAMES, assert_one_line_error, run_script
+from conftest import CIFAR10_NAMES, FAST, assert_one_line_error, run_script
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +60,36 @@ def test_train_py_without_a_data_folder_or_network_uses_the_bundled_copy(out_dir
                                f"run uses the copy bundled with the repo")
     assert lines[1] == (f"data: cifar10 from {data.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo): 10 classes, "
                         f"3x32x32, 45,000 train, 5,000 val, 10,000 test")
+
+
+def write_subset(root, per_class):
+    """The first per_class[split] images of each class of the bundled copy, as
+    a train/<class>/ + test/<class>/ tree of its JPEG files, unchanged."""
+    taken = {}
+    with tarfile.open(data.BUNDLED_CIFAR10, "r:gz") as archive:
+        for member in archive:
+            split, label, name = PurePosixPath(member.name).parts[-3:] if member.isfile() else (None, None, None)
+            if split in per_class and taken.get((split, label), 0) < per_class[split]:
+                taken[split, label] = taken.get((split, label), 0) + 1
+                (root / split / label).mkdir(parents=True, exist_ok=True)
+                (root / split / label / name).write_bytes(archive.extractfile(member).read())
+    assert sorted(taken.values()) == [per_class["test"]] * 10 + [per_class["train"]] * 10
+    return root
+
+
+def test_real_images_smoke_run(tmp_path):
+    """One epoch of each stage on 2,000 real training images. On this 500-image
+    test set the teacher reached 32 to 38% over seeds 0 to 4, with bf16 and
+    float32, 1 or 2 threads; a pipeline that scrambles images or labels stays
+    near 10%. One thread: at batch 32 a second gains little, and on a busy
+    machine the two wait on each other (several times slower)."""
+    tree = write_subset(tmp_path / "cifar10-subset", {"train": 200, "test": 50})
+    out = tmp_path / "out"
+    result = run_script("train.py", "--dataset", "cifar10", "--data-dir", tree, "--out-dir", out, *FAST,
+                        "--batch-size", "32", "--val-size", "100", "--threads", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "cifar10" / "results.json").read_text())
+    assert set(results) == {"teacher", "student", "distilled"}
+    assert results["teacher"]["test_acc"] > 0.2, results["teacher"]
+    assert results["teacher"]["data"] == str(tree)
+    assert f"data: {tree}" in (out / "cifar10" / "results.md").read_text()
