@@ -14,7 +14,8 @@ Sources:
 - fashion-mnist: the official IDX files (.gz or not) in DATA_DIR, then in
   /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
   otherwise torchvision downloads them.
-- folder: any train/<class>/* + test/<class>/* tree of images.
+- folder: any train/<class>/* + test/<class>/* tree of images (test/ may
+  also be called val/ or validation/).
 Decoded image trees are cached (see `load_image_tree`).
 """
 
@@ -39,6 +40,7 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CACHE_VERSION = 1  # bump when the decoded-tree cache format changes
+HELD_OUT = ("test", "val", "validation")  # names of an image tree's held-out split, in order of preference
 BUNDLED_CIFAR10 = Path(__file__).resolve().parent / "datasets" / "cifar10-jpeg.tar.gz"
 
 # load_image refuses images over Pillow's decompression-bomb limit with a
@@ -125,9 +127,14 @@ def class_folders(root):
     return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def held_out_folder(root):
+    """The held-out split of an image tree: test/, else val/ or validation/
+    (the spelling of timm and ImageFolder users), or None."""
+    return next((Path(root) / name for name in HELD_OUT if (Path(root) / name).is_dir()), None)
+
+
 def is_image_tree(root):
-    root = Path(root)
-    return (root / "train").is_dir() and (root / "test").is_dir()
+    return (Path(root) / "train").is_dir() and held_out_folder(root) is not None
 
 
 def tree_fingerprint(files):
@@ -188,17 +195,19 @@ def write_cache(cache_dirs, name, blob):
 
 
 def load_image_tree(root, size, channels, cache_dirs):
-    """Decode a train/<class>/*, test/<class>/* tree once, then reuse a cache.
+    """Decode a train/<class>/*, test/<class>/* (or val/, validation/) tree
+    once, then reuse a cache.
 
     The cache is a torch file named after the tree, the image size and the
     channel count. It is written to the first writable folder of `cache_dirs`
     and rebuilt whenever a file in the tree is added, removed or changed."""
     root = Path(root)
+    held_out = held_out_folder(root)
     classes = [p.name for p in class_folders(root / "train")]
     if not classes:
         raise DataError(f"{root}/train has no class folders; expected {root}/train/<class>/<image files>")
-    files = [f for split in ("train", "test") for c in classes if (root / split / c).is_dir()
-             for f in list_images(root / split / c)]
+    files = [f for split in (root / "train", held_out) for c in classes if (split / c).is_dir()
+             for f in list_images(split / c)]
     fingerprint = tree_fingerprint(files)
     name = cache_name(root, size, channels)
     blob, cached = read_cache(cache_dirs, name, fingerprint)
@@ -206,7 +215,7 @@ def load_image_tree(root, size, channels, cache_dirs):
         return Splits(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"],
                       blob["classes"], f"{root} (cached in {cached})")
     train_x, train_y = decode_split(root / "train", classes, size, channels)
-    test_x, test_y = decode_split(root / "test", classes, size, channels)
+    test_x, test_y = decode_split(held_out, classes, size, channels)
     write_cache(cache_dirs, name, {"fingerprint": fingerprint, "classes": classes, "train_x": train_x,
                                    "train_y": train_y, "test_x": test_x, "test_y": test_y})
     return Splits(train_x, train_y, test_x, test_y, classes, str(root))
@@ -456,7 +465,7 @@ def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True):
 def load_folder(name, data_dir, cache_dirs, image_size, download=True):
     if not is_image_tree(data_dir):
         raise DataError(f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
-                        f"{data_dir}/test/<class>/*; point --data-dir at such a folder")
+                        f"{data_dir}/test/<class>/* (or val/, validation/); point --data-dir at such a folder")
     return load_image_tree(data_dir, image_size, 3, cache_dirs)
 
 

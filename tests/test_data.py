@@ -106,6 +106,16 @@ def test_folder_of_mixed_sizes_and_modes(tmp_path):
     assert splits.train_y.tolist() == [0] * 8 + [1] * 8 + [2] * 8
 
 
+@pytest.mark.parametrize("held_out", ["val", "validation"])
+def test_a_val_or_validation_folder_is_the_held_out_split(tmp_path, held_out):
+    root = write_image_tree(tmp_path / "tree", per_class_train=3, per_class_test=2, mixed=False)
+    (root / "test").rename(root / held_out)
+    for splits in (data.load_folder("folder", root, [tmp_path / "cache"], 32),
+                   data.load_cifar("cifar10", root, [tmp_path / "cache"], 32, download=False)):
+        check_splits(splits, 9, 6, (3, 32, 32), 3)
+        assert splits.test_y.tolist() == [0, 0, 1, 1, 2, 2]
+
+
 def test_image_tree_cache_is_reused_and_rebuilt_on_change(tmp_path):
     root = write_image_tree(tmp_path / "tree", per_class_train=2, per_class_test=1, mixed=False)
     (tmp_path / "unwritable").write_text("a file where a folder should be")
