@@ -469,6 +469,16 @@ def load_folder(name, data_dir, cache_dirs, image_size, download=True):
     return load_image_tree(data_dir, image_size, 3, cache_dirs)
 
 
+def expected_contents(name):
+    """What DATA_DIR should hold for dataset `name`, in words, for messages."""
+    tree = "train/<class>/ + test/<class>/ image folders (test/ may be val/ or validation/)"
+    if name in CIFAR_ARCHIVES:
+        return f"{CIFAR_ARCHIVES[name]}, its extracted {CIFAR_LAYOUTS[name][0]}/, or {tree}"
+    if name == "fashion-mnist":
+        return ", ".join(f"{stem}.gz" for stem in FASHION_MNIST_FILES.values()) + " (or the same unzipped)"
+    return tree
+
+
 DATASETS = {  # name -> loader(name, data_dir, cache_dirs, image_size, download)
     "cifar10": load_cifar,
     "cifar100": load_cifar,

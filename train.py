@@ -534,6 +534,9 @@ def main(argv=None):
     if cfg["DETERMINISTIC"]:
         make_deterministic()
 
+    if Path(cfg["DATA_DIR"]).is_file():
+        config.fail("data-dir", f"{cfg['DATA_DIR']} is a file, but the flag takes a folder: for {cfg['DATASET']} it "
+                    f"looks there for {data.expected_contents(cfg['DATASET'])}")
     if not Path(cfg["DATA_DIR"]).is_dir() and (cfg["DATASET"] == "folder" or (cfg["DATASET"] == "cifar100"
                                                                              and not cfg["DOWNLOAD"])):
         config.fail("data-dir", f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"

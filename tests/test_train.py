@@ -58,6 +58,17 @@ def test_missing_data_is_one_line_naming_where_and_how(tmp_path):
     assert_one_line_error(result, "--data-dir", "nowhere", code=2)
 
 
+def test_an_archive_given_as_data_dir_says_the_flag_takes_a_folder_and_what_goes_in_it(tmp_path):
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not read")
+    result = run_script("train.py", "--data-dir", archive, "--out-dir", tmp_path / "out", *FAST)
+    assert_one_line_error(result, code=2)
+    assert result.stderr.strip() == (
+        f"train.py: error: argument --data-dir: {archive} is a file, but the flag takes a folder: for cifar10 it "
+        f"looks there for cifar-10-python.tar.gz, its extracted cifar-10-batches-py/, or train/<class>/ + "
+        f"test/<class>/ image folders (test/ may be val/ or validation/)")
+
+
 BAD_CONFIGS = [
     (["--lr", "-1"], "--lr"),
     (["--lr", "fast"], "--lr"),
