@@ -1,6 +1,6 @@
 """Classify image files with a checkpoint saved by train.py.
 
-    python3 predict.py photo.jpg                    # the distilled student of config.DATASET
+    python3 predict.py photo.jpg                    # the distilled student under OUT_DIR (see default_checkpoint)
     python3 predict.py a.png b.jpg some_folder/ --top-k 3
     python3 predict.py *.png --checkpoint checkpoints/cifar10/teacher.pt --json
     python3 predict.py data/cifar10-jpeg/test --evaluate
@@ -35,7 +35,8 @@ PROG = "predict.py"
 def add_arguments(parser):
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of images")
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint to use (default: OUT_DIR/DATASET/distilled.pt)")
+                        help="checkpoint to use (default: OUT_DIR/DATASET/distilled.pt; without --dataset, "
+                             "that of the one dataset under OUT_DIR that has one)")
     parser.add_argument("--top-k", type=int, default=1, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     parser.add_argument("--recursive", action="store_true", help="also read images in subfolders")
@@ -47,6 +48,20 @@ def add_arguments(parser):
 def usage_error(message):
     sys.stderr.write(f"{PROG}: error: {message}\n")
     raise SystemExit(2)
+
+
+def default_checkpoint(out_dir, dataset, dataset_given):
+    """(OUT_DIR/<dataset>/distilled.pt, dataset). Without --dataset, the
+    dataset is the one under OUT_DIR that has a distilled.pt, if only one does:
+    after train.py --dataset folder, a bare predict.py uses what it trained."""
+    if not dataset_given:
+        found = sorted(path.parent.name for path in Path(out_dir).glob("*/distilled.pt"))
+        if len(found) > 1:
+            usage_error(f"{out_dir} holds a distilled.pt for {len(found)} datasets ({', '.join(found)}); "
+                        f"pick one with --dataset NAME or --checkpoint PATH")
+        if found:
+            dataset = found[0]
+    return Path(out_dir) / dataset / "distilled.pt", dataset
 
 
 def load_model(path, default_used, dataset, device):
@@ -145,8 +160,13 @@ def main(argv=None):
     if cfg["batch_size"] < 1:
         config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
     device = config.device(cfg["DEVICE"], PROG)
-    default_path = Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt"
-    model, checkpoint = load_model(cfg["checkpoint"] or default_path, cfg["checkpoint"] is None, cfg["DATASET"], device)
+    if cfg["checkpoint"]:
+        path, dataset = cfg["checkpoint"], cfg["DATASET"]
+    else:
+        typed = sys.argv[1:] if argv is None else argv
+        path, dataset = default_checkpoint(cfg["OUT_DIR"], cfg["DATASET"],
+                                           any(token.split("=")[0] == "--dataset" for token in typed))
+    model, checkpoint = load_model(path, cfg["checkpoint"] is None, dataset, device)
     classes = checkpoint["classes"]
     items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
     if cfg["evaluate"]:

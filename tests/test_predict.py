@@ -259,6 +259,23 @@ def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good):
     assert_one_line_error(result, "cifar100/distilled.pt", "python3 train.py --dataset cifar100", code=2)
 
 
+def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, tmp_path, good):
+    checkpoint, _ = trained
+    (tmp_path / "folder").mkdir()
+    shutil.copy(checkpoint, tmp_path / "folder" / "distilled.pt")  # as after train.py --dataset folder
+    result = run_script("predict.py", "--out-dir", tmp_path, good)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(": ")[1].split()[0] in CLASSES
+    explicit = run_script("predict.py", "--out-dir", tmp_path, "--dataset", "cifar10", good)  # as before
+    assert_one_line_error(explicit, "cifar10/distilled.pt", "python3 train.py --dataset cifar10", code=2)
+    (tmp_path / "cifar100").mkdir()
+    shutil.copy(checkpoint, tmp_path / "cifar100" / "distilled.pt")
+    several = run_script("predict.py", "--out-dir", tmp_path, good)
+    assert several.returncode == 2 and several.stdout == ""
+    assert several.stderr == (f"predict.py: error: {tmp_path} holds a distilled.pt for 2 datasets (cifar100, folder); "
+                              f"pick one with --dataset NAME or --checkpoint PATH\n")
+
+
 @pytest.mark.parametrize("args,flag", [(["--top-k", "0"], "--top-k"), (["--device", "tpu"], "--device"),
                                        (["--batch-size", "-1"], "--batch-size"), (["--bogus"], "--bogus")])
 def test_usage_errors_exit_2(trained, good, args, flag):
