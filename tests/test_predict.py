@@ -225,7 +225,7 @@ def corrupt_checkpoint(kind, tmp_path, checkpoint_path):
 
 
 BAD_CHECKPOINTS = {"missing": "no checkpoint at", "truncated": "not a readable checkpoint",
-                   "not-a-checkpoint": "not a readable checkpoint", "unknown-model": "unknown model",
+                   "not-a-checkpoint": "not a checkpoint written by train.py", "unknown-model": "unknown model",
                    "class-mismatch": "do not fit"}
 
 
@@ -235,6 +235,12 @@ def test_bad_checkpoint_is_one_line(trained, tmp_path, good, kind):
     path = corrupt_checkpoint(kind, tmp_path, checkpoint)
     result = predict(path, good)
     assert_one_line_error(result, str(path), BAD_CHECKPOINTS[kind], code=2)
+
+
+def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path, good):
+    path = corrupt_checkpoint("not-a-checkpoint", tmp_path, None)
+    result = predict(path, good)
+    assert result.stderr == f"predict.py: error: {path}: not a checkpoint written by train.py (not a torch file)\n"
 
 
 class RunsCode:
@@ -250,7 +256,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
     path = tmp_path / "evil.pt"
     torch.save({"model": "airnet_xs", "payload": RunsCode(marker)}, path)
     result = predict(path, good)
-    assert_one_line_error(result, str(path), "not a readable checkpoint", code=2)
+    assert_one_line_error(result, str(path), "not a checkpoint written by train.py (it holds Python objects that a "
+                          "safe load refuses to build)", code=2)
     assert not marker.exists()
 
 
