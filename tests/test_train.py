@@ -39,6 +39,14 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     assert (folder / "teacher.pt").stat().st_mtime_ns == stamp
 
 
+def test_results_name_one_data_source_or_each_stage_s_when_they_differ():
+    import train
+
+    assert train.data_sources({"teacher": {"data": "a"}, "student": {"data": "a"}}) == "data: a\n"
+    kept = {"teacher": {"data": "jpeg"}, "student": {"data": "official"}, "distilled": {}}  # {}: an older checkpoint
+    assert train.data_sources(kept) == "data: teacher from jpeg; student from official; distilled from not recorded\n"
+
+
 def test_distilled_alone_trains_the_missing_teacher_first(tmp_path):
     write_cifar10(tmp_path / "data", per_class_train=3, per_class_test=1)
     out = tmp_path / "out"
