@@ -12,6 +12,7 @@ Every file is written atomically and read with weights_only=True.
 
 import hashlib
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def save(path, stage, cfg, dataset, model_name, state_dict, metrics, teacher_dig
     atomic_write(path, lambda p: torch.save(checkpoint, p))
 
 
+def _starts_as_zip(path):
+    """Whether the file begins as a zip archive, as every file torch.save writes does."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def load(path, map_location="cpu"):
     """Load a checkpoint dict safely (weights_only) and check its keys.
 
@@ -81,6 +91,12 @@ def load(path, map_location="cpu"):
     except FileNotFoundError:
         raise
     except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file...
+        if not _starts_as_zip(path):
+            raise ValueError("not a checkpoint written by train.py (not a torch file)") from None
+        if isinstance(error, pickle.UnpicklingError):  # torch's message would suggest weights_only=False
+            raise ValueError(
+                "not a checkpoint written by train.py (it holds Python objects that a safe load refuses to build)"
+            ) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"not a readable checkpoint ({reason[:200]})") from None
     required = ("model", "state_dict", "num_classes", "in_channels", "classes")

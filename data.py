@@ -9,11 +9,13 @@ what makes small-network training fast (see airbench).
 Sources:
 - cifar10 / cifar100: the official python-batch archive or its extracted
   folder, or a tree train/<class>/* + test/<class>/* of image files, in
-  DATA_DIR; otherwise torchvision downloads the archive.
+  DATA_DIR; otherwise torchvision downloads the archive. When cifar10 cannot
+  be had that way, the JPEG copy bundled in datasets/ is read instead.
 - fashion-mnist: the official IDX files (.gz or not) in DATA_DIR, then in
   /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
   otherwise torchvision downloads them.
-- folder: any train/<class>/* + test/<class>/* tree of images.
+- folder: any train/<class>/* + test/<class>/* tree of images (test/ may
+  also be called val/ or validation/).
 Decoded image trees are cached (see `load_image_tree`).
 """
 
@@ -24,8 +26,9 @@ import io
 import pickle
 import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -48,6 +51,8 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 CACHE_VERSION = 1  # bump when the decoded-tree cache format changes
+HELD_OUT = ("test", "val", "validation")  # names of an image tree's held-out split, in order of preference
+BUNDLED_CIFAR10 = Path(__file__).resolve().parent / "datasets" / "cifar10-jpeg.tar.gz"
 
 # load_image refuses images over Pillow's decompression-bomb limit with a
 # readable error of its own, so Pillow's warning would only repeat it.
@@ -125,9 +130,14 @@ def class_folders(root):
     return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def held_out_folder(root):
+    """The held-out split of an image tree: test/, else val/ or validation/
+    (the spelling of timm and ImageFolder users), or None."""
+    return next((Path(root) / name for name in HELD_OUT if (Path(root) / name).is_dir()), None)
+
+
 def is_image_tree(root):
-    root = Path(root)
-    return (root / "train").is_dir() and (root / "test").is_dir()
+    return (Path(root) / "train").is_dir() and held_out_folder(root) is not None
 
 
 def tree_fingerprint(files):
@@ -159,60 +169,146 @@ def decode_split(root, classes, size, channels):
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
 
 
+def cache_name(path, size, channels):
+    """The decoded-image cache's file name for a tree or archive at `path`."""
+    key = hashlib.sha256(f"{Path(path).resolve()}|{size}|{channels}|{CACHE_VERSION}".encode()).hexdigest()[:12]
+    return f".decoded-{Path(path).name}-{size}px-{channels}ch-{key}.pt"
+
+
+def read_cache(cache_dirs, name, fingerprint):
+    """(the cached tensors, the file) from the first of `cache_dirs` whose
+    cache `name` matches `fingerprint`, or (None, None)."""
+    for folder in cache_dirs:
+        cached = Path(folder) / name
+        if cached.is_file():
+            try:
+                blob = torch.load(cached, weights_only=True)
+                if blob.get("fingerprint") == fingerprint:
+                    return blob, cached
+            except Exception:  # a stale or broken cache is simply rebuilt
+                pass
+    return None, None
+
+
+def write_cache(cache_dirs, name, blob):
+    """Save the cache in the first of `cache_dirs` that can be written to
+    (none: it is rebuilt next time)."""
+    for folder in cache_dirs:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write(Path(folder) / name, lambda p: torch.save(blob, p))
+            break
+        except OSError:
+            continue
+
+
 def load_image_tree(root, size, channels, cache_dirs):
-    """Decode a train/<class>/*, test/<class>/* tree once, then reuse a cache.
+    """Decode a train/<class>/*, test/<class>/* (or val/, validation/) tree
+    once, then reuse a cache.
 
     The cache is a torch file named after the tree, the image size and the
     channel count. It is written to the first writable folder of `cache_dirs`
     and rebuilt whenever a file in the tree is added, removed or changed."""
     root = Path(root)
+    held_out = held_out_folder(root)
     classes = [p.name for p in class_folders(root / "train")]
     if not classes:
         raise DataError(f"{root}/train has no class folders; expected {root}/train/<class>/<image files>")
     files = [
         f
-        for split in ("train", "test")
+        for split in (root / "train", held_out)
         for c in classes
-        if (root / split / c).is_dir()
-        for f in list_images(root / split / c)
+        if (split / c).is_dir()
+        for f in list_images(split / c)
     ]
     fingerprint = tree_fingerprint(files)
-    key = hashlib.sha256(f"{root.resolve()}|{size}|{channels}|{CACHE_VERSION}".encode()).hexdigest()[:12]
-    cache_name = f".decoded-{root.name}-{size}px-{channels}ch-{key}.pt"
-    for folder in cache_dirs:
-        cached = Path(folder) / cache_name
-        if cached.is_file():
-            try:
-                blob = torch.load(cached, weights_only=True)
-                if blob.get("fingerprint") == fingerprint:
-                    return Splits(
-                        blob["train_x"],
-                        blob["train_y"],
-                        blob["test_x"],
-                        blob["test_y"],
-                        blob["classes"],
-                        f"{root} (cached in {cached})",
-                    )
-            except Exception:  # a stale or broken cache is simply rebuilt
-                pass
+    name = cache_name(root, size, channels)
+    blob, cached = read_cache(cache_dirs, name, fingerprint)
+    if blob is not None:
+        return Splits(
+            blob["train_x"],
+            blob["train_y"],
+            blob["test_x"],
+            blob["test_y"],
+            blob["classes"],
+            f"{root} (cached in {cached})",
+        )
     train_x, train_y = decode_split(root / "train", classes, size, channels)
-    test_x, test_y = decode_split(root / "test", classes, size, channels)
-    blob = {
-        "fingerprint": fingerprint,
-        "classes": classes,
-        "train_x": train_x,
-        "train_y": train_y,
-        "test_x": test_x,
-        "test_y": test_y,
-    }
-    for folder in cache_dirs:
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write(Path(folder) / cache_name, lambda p: torch.save(blob, p))
-            break
-        except OSError:
-            continue
+    test_x, test_y = decode_split(held_out, classes, size, channels)
+    write_cache(
+        cache_dirs,
+        name,
+        {
+            "fingerprint": fingerprint,
+            "classes": classes,
+            "train_x": train_x,
+            "train_y": train_y,
+            "test_x": test_x,
+            "test_y": test_y,
+        },
+    )
     return Splits(train_x, train_y, test_x, test_y, classes, str(root))
+
+
+def origin(source):
+    """Splits.source without the cache the images were read from this time,
+    which says nothing about the data: for results, which compare sources."""
+    return source.split(" (cached in ")[0]
+
+
+def read_archive_tree(path):
+    """{(split, class, file name): bytes} of the image files of a .tar.gz that
+    holds a train/<class>/* + test/<class>/* tree (under any top folder),
+    read into memory: nothing is extracted to disk."""
+    files = {}
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in archive:
+                name = PurePosixPath(member.name)
+                if (
+                    member.isfile()
+                    and len(name.parts) >= 3
+                    and name.parts[-3] in ("train", "test")
+                    and name.suffix.lower() in IMAGE_EXTENSIONS
+                ):
+                    files[name.parts[-3:]] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: corrupt or unreadable archive ({error})") from None
+    return files
+
+
+def load_image_archive(path, size, channels, cache_dirs, source):
+    """An image tree packed as a .tar.gz (see read_archive_tree), decoded
+    from memory by load_image, as image files on disk are, then cached as
+    load_image_tree caches; the cache is rebuilt when the archive's size or
+    modification time changes. Classes and files come in the order of the
+    extracted tree, so both give the same tensors."""
+    path = Path(path)
+    fingerprint = tree_fingerprint([path])
+    name = cache_name(path, size, channels)
+    blob, _ = read_cache(cache_dirs, name, fingerprint)
+    if blob is None:
+        files = read_archive_tree(path)
+        classes = sorted({label for split, label, _ in files if split == "train"})
+        blob = {"fingerprint": fingerprint, "classes": classes}
+        from tqdm import tqdm
+
+        for split in ("train", "test"):
+            keys = sorted(key for key in files if key[0] == split and key[1] in classes)
+            if not keys:
+                raise DataError(f"{path}: the archive holds no {split}/<class>/ image files")
+            images = []
+            for key in tqdm(keys, desc=f"decoding {path.name} {split}", leave=False, mininterval=1, disable=None):
+                try:
+                    images.append(load_image(io.BytesIO(files[key]), size, channels))
+                except DataError:
+                    raise DataError(
+                        f"{path}: {'/'.join(key)} is not a readable image; the archive is damaged"
+                    ) from None
+            blob[f"{split}_x"] = torch.from_numpy(np.stack(images))
+            blob[f"{split}_y"] = torch.tensor([classes.index(key[1]) for key in keys], dtype=torch.int64)
+        write_cache(cache_dirs, name, blob)
+    return Splits(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], blob["classes"], source)
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -323,6 +419,7 @@ def load_cifar(name, data_dir, cache_dirs, image_size, download=True):
         return _read_cifar_folder(data_dir / folder, name)
     if archive.is_file():
         return _read_cifar_archive(archive, name)
+    bundled = name == "cifar10" and BUNDLED_CIFAR10.is_file()
     if download:
         import torchvision
 
@@ -330,13 +427,39 @@ def load_cifar(name, data_dir, cache_dirs, image_size, download=True):
         try:
             dataset_class(str(data_dir), train=True, download=True)
         except Exception as error:
+            reason = str(error).splitlines()[0][:120]
+            if bundled:
+                return load_bundled_cifar10(data_dir, cache_dirs, f"the download failed ({reason})")
             raise DataError(
-                f"no {name} data in {data_dir} and the download failed ({str(error).splitlines()[0][:120]}). "
+                f"no {name} data in {data_dir} and the download failed ({reason}). "
                 f"Put {CIFAR_ARCHIVES[name]} (or its extracted {folder}/, or a train/<class>/ + test/<class>/ "
                 f"image tree) in {data_dir}, or point --data-dir at it"
             ) from None
         return _read_cifar_folder(data_dir / folder, name)
+    if bundled:
+        return load_bundled_cifar10(data_dir, cache_dirs, "--no-download was given")
     raise DataError(f"no {name} data in {data_dir}: put {CIFAR_ARCHIVES[name]} there, or point --data-dir at it")
+
+
+def load_bundled_cifar10(data_dir, cache_dirs, why):
+    """CIFAR-10 from the JPEG copy in datasets/, so that a machine with no
+    network and no data folder still runs the pipeline. It says so in one
+    line, before the decoding, since JPEG costs a little accuracy against the
+    lossless original. Its cache goes to the other cache folders (the run's
+    output folder), not to DATA_DIR, which holds nothing of this copy."""
+    print(
+        f"data: no CIFAR-10 in {data_dir}/ and {why}, so this run uses the copy bundled with the repo, "
+        f"{BUNDLED_CIFAR10}: JPEG at quality about 75, expect accuracies a few tenths of a point below the "
+        f"lossless original, which is used instead once {CIFAR_ARCHIVES['cifar10']} is in {data_dir}/",
+        flush=True,
+    )
+    return load_image_archive(
+        BUNDLED_CIFAR10,
+        32,
+        3,
+        [d for d in cache_dirs if Path(d) != Path(data_dir)],
+        f"{BUNDLED_CIFAR10} (the JPEG copy bundled with the repo)",
+    )
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -413,9 +536,19 @@ def load_folder(name, data_dir, cache_dirs, image_size, download=True):
     if not is_image_tree(data_dir):
         raise DataError(
             f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
-            f"{data_dir}/test/<class>/*; point --data-dir at such a folder"
+            f"{data_dir}/test/<class>/* (or val/, validation/); point --data-dir at such a folder"
         )
     return load_image_tree(data_dir, image_size, 3, cache_dirs)
+
+
+def expected_contents(name):
+    """What DATA_DIR should hold for dataset `name`, in words, for messages."""
+    tree = "train/<class>/ + test/<class>/ image folders (test/ may be val/ or validation/)"
+    if name in CIFAR_ARCHIVES:
+        return f"{CIFAR_ARCHIVES[name]}, its extracted {CIFAR_LAYOUTS[name][0]}/, or {tree}"
+    if name == "fashion-mnist":
+        return ", ".join(f"{stem}.gz" for stem in FASHION_MNIST_FILES.values()) + " (or the same unzipped)"
+    return tree
 
 
 DATASETS = {  # name -> loader(name, data_dir, cache_dirs, image_size, download)

@@ -1,6 +1,6 @@
 """Classify image files with a checkpoint saved by train.py.
 
-    python3 predict.py photo.jpg                    # the distilled student of config.DATASET
+    python3 predict.py photo.jpg                    # the distilled student under OUT_DIR (see default_checkpoint)
     python3 predict.py a.png b.jpg some_folder/ --top-k 3
     python3 predict.py *.png --checkpoint checkpoints/cifar10/teacher.pt --json
     python3 predict.py data/cifar10-jpeg/test --evaluate
@@ -37,6 +37,9 @@ PROG = "predict.py"
 def add_arguments(parser):
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of images")
     parser.add_argument("--checkpoint", default=None, help="checkpoint to use (default: OUT_DIR/DATASET/distilled.pt)")
+    parser.add_argument("--dataset", default=None, metavar="STR",
+                        help="the dataset folder under OUT_DIR whose distilled.pt to use (default: the one that has "
+                        f"a distilled.pt, where only one does; else {config.DATASET})")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=1, help="how many classes to show per image (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     parser.add_argument("--recursive", action="store_true", help="also read images in subfolders")
@@ -51,6 +54,19 @@ def add_arguments(parser):
 def usage_error(message):
     sys.stderr.write(f"{PROG}: error: {message}\n")
     raise SystemExit(2)
+
+
+def default_checkpoint(out_dir, dataset):
+    """(OUT_DIR/<dataset>/distilled.pt, dataset). Without --dataset, the
+    dataset is the one under OUT_DIR that has a distilled.pt, if only one does:
+    after train.py --dataset folder, a bare predict.py uses what it trained."""
+    if dataset is None:
+        found = sorted(path.parent.name for path in Path(out_dir).glob("*/distilled.pt"))
+        if len(found) > 1:
+            usage_error(f"{out_dir} holds a distilled.pt for {len(found)} datasets ({', '.join(found)}); "
+                        f"pick one with --dataset NAME or --checkpoint PATH")  # fmt: skip
+        dataset = found[0] if found else config.DATASET
+    return Path(out_dir) / dataset / "distilled.pt", dataset
 
 
 def load_model(path, default_used, dataset, device):
@@ -154,14 +170,17 @@ def confusion_summary(labels, predicted, classes):
 
 
 def main(argv=None):
-    cfg = config.parse(argv, __doc__.split("\n\n")[0], names=["OUT_DIR", "DATASET", "DEVICE"], extra=add_arguments)
+    cfg = config.parse(argv, __doc__.split("\n\n")[0], names=["OUT_DIR", "DEVICE"], extra=add_arguments)
     if cfg["top_k"] < 1:
         config.fail("top-k", f"must be >= 1 (got {cfg['top_k']})", PROG)
     if cfg["batch_size"] < 1:
         config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
     device = runtime.device(cfg["DEVICE"], PROG)
-    default_path = Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt"
-    model, checkpoint = load_model(cfg["checkpoint"] or default_path, cfg["checkpoint"] is None, cfg["DATASET"], device)
+    if cfg["checkpoint"]:
+        path, dataset = cfg["checkpoint"], cfg["dataset"] or config.DATASET
+    else:
+        path, dataset = default_checkpoint(cfg["OUT_DIR"], cfg["dataset"])
+    model, checkpoint = load_model(path, cfg["checkpoint"] is None, dataset, device)
     classes = checkpoint["classes"]
     items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
     if cfg["evaluate"]:

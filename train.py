@@ -473,6 +473,7 @@ def finish_stage(stage, progress):
         "device": str(stage.device),
         "tta": cfg["TTA"],
         "method": cfg["METHOD"] if stage.name == "distilled" else "cross-entropy",
+        "data": data.origin(dataset.source),
     }
     checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics,
                     stage.teacher_digest)  # fmt: skip
@@ -621,7 +622,10 @@ def set_up(cfg):
 
 
 def load_data(cfg, device, out_dir):
-    no_folder = cfg["DATASET"] == "folder" or (cfg["DATASET"].startswith("cifar") and not cfg["DOWNLOAD"])
+    if Path(cfg["DATA_DIR"]).is_file():
+        config.fail("data-dir", f"{cfg['DATA_DIR']} is a file, but the flag takes a folder: for {cfg['DATASET']} "
+                    f"it looks there for {data.expected_contents(cfg['DATASET'])}")  # fmt: skip
+    no_folder = cfg["DATASET"] == "folder" or (cfg["DATASET"] == "cifar100" and not cfg["DOWNLOAD"])
     if not Path(cfg["DATA_DIR"]).is_dir() and no_folder:
         config.fail(
             "data-dir",
@@ -687,13 +691,22 @@ def plan(cfg, dataset, device, out_dir):
     return todo, finished
 
 
-def report(cfg, dataset, results, out_dir):
+def data_sources(rows):
+    """Where the stages' data came from, for results.md: one source, or one per
+    stage when they differ (a stage kept from a run on another copy of the data)."""
+    sources = {stage: m["data"] for stage, m in rows.items()}
+    if len(set(sources.values())) == 1:
+        return f"data: {next(iter(sources.values()))}\n"
+    return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
+
+
+def report(cfg, results, out_dir, num_classes):
     rows = {stage: results[stage] for stage in STAGES if stage in results}
-    table = results_table(rows, len(dataset.classes))
-    print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}")
-    checkpoint.write_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\nData: {dataset.source}\n\n{table}")
-    summary = {"dataset": cfg["DATASET"], "data_source": dataset.source, "stages": rows,
-               "distillation_gain": distillation_gain(rows)}  # fmt: skip
+    table = results_table(rows, num_classes)
+    print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
+          f"{data_sources(rows)}")  # fmt: skip
+    checkpoint.write_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\n{table}\n{data_sources(rows)}")
+    summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows)}
     checkpoint.write_text(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
 
 
@@ -718,7 +731,7 @@ def main(argv=None):
         if stage == "teacher":  # distil from the teacher as saved (in a torchrun job, every process reads it)
             teacher, digest = saved_teacher(out_dir, checkpoint.load(out_dir / "teacher.pt"))
     if master_process:
-        report(cfg, dataset, results, out_dir)
+        report(cfg, results, out_dir, len(dataset.classes))
 
 
 if __name__ == "__main__":

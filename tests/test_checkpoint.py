@@ -33,7 +33,7 @@ def test_checkpoint_of_wrong_shape_is_a_readable_error(tmp_path):
 
 def test_load_refuses_other_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match=r"not a checkpoint written by train.py \(not a torch file\)"):
         checkpoint.load(tmp_path / "junk.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this repo"):

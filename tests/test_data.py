@@ -74,9 +74,9 @@ def test_crafted_cifar_pickle_is_refused(tmp_path):
 
 
 def test_missing_data_says_where_and_how(tmp_path):
-    with pytest.raises(data.DataError) as error:
-        data.load_cifar("cifar10", tmp_path / "nowhere", [], 32, download=False)
-    assert "nowhere" in str(error.value) and "cifar-10-python.tar.gz" in str(error.value)
+    with pytest.raises(data.DataError) as error:  # (cifar10 falls back to the bundled copy: tests/test_bundled.py)
+        data.load_cifar("cifar100", tmp_path / "nowhere", [], 32, download=False)
+    assert "nowhere" in str(error.value) and "cifar-100-python.tar.gz" in str(error.value)
     assert "--data-dir" in str(error.value)
 
 
@@ -104,6 +104,18 @@ def test_folder_of_mixed_sizes_and_modes(tmp_path):
     check_splits(splits, 24, 9, (3, 24, 24), 3)
     assert splits.classes == ["cat", "dog", "fish"]
     assert splits.train_y.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+@pytest.mark.parametrize("held_out", ["val", "validation"])
+def test_a_val_or_validation_folder_is_the_held_out_split(tmp_path, held_out):
+    root = write_image_tree(tmp_path / "tree", per_class_train=3, per_class_test=2, mixed=False)
+    (root / "test").rename(root / held_out)
+    for splits in (
+        data.load_folder("folder", root, [tmp_path / "cache"], 32),
+        data.load_cifar("cifar10", root, [tmp_path / "cache"], 32, download=False),
+    ):
+        check_splits(splits, 9, 6, (3, 32, 32), 3)
+        assert splits.test_y.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_image_tree_cache_is_reused_and_rebuilt_on_change(tmp_path):

@@ -260,7 +260,7 @@ def corrupt_checkpoint(kind, tmp_path, checkpoint_path):
 BAD_CHECKPOINTS = {
     "missing": "no checkpoint at",
     "truncated": "not a readable checkpoint",
-    "not-a-checkpoint": "not a readable checkpoint",
+    "not-a-checkpoint": "not a checkpoint written by train.py",
     "unknown-model": "unknown model",
     "class-mismatch": "do not fit",
 }
@@ -272,6 +272,12 @@ def test_bad_checkpoint_is_one_line(trained, tmp_path, good, kind):
     path = corrupt_checkpoint(kind, tmp_path, checkpoint)
     result = predict(path, good)
     assert_one_line_error(result, str(path), BAD_CHECKPOINTS[kind], code=2)
+
+
+def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path, good):
+    path = corrupt_checkpoint("not-a-checkpoint", tmp_path, None)
+    result = predict(path, good)
+    assert result.stderr == f"predict.py: error: {path}: not a checkpoint written by train.py (not a torch file)\n"
 
 
 class RunsCode:
@@ -287,13 +293,37 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
     path = tmp_path / "evil.pt"
     torch.save({"model": "airnet_xs", "payload": RunsCode(marker)}, path)
     result = predict(path, good)
-    assert_one_line_error(result, str(path), "not a readable checkpoint", code=2)
+    assert_one_line_error(
+        result,
+        str(path),
+        "not a checkpoint written by train.py (it holds Python objects that a safe load refuses to build)",
+        code=2,
+    )
     assert not marker.exists()
 
 
 def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good):
     result = run_script("predict.py", "--out-dir", tmp_path, "--dataset", "cifar100", good)
     assert_one_line_error(result, "cifar100/distilled.pt", "python3 train.py --dataset cifar100", code=2)
+
+
+def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, tmp_path, good):
+    checkpoint, _ = trained
+    (tmp_path / "folder").mkdir()
+    shutil.copy(checkpoint, tmp_path / "folder" / "distilled.pt")  # as after train.py --dataset folder
+    result = run_script("predict.py", "--out-dir", tmp_path, good)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(": ")[1].split()[0] in CLASSES
+    explicit = run_script("predict.py", "--out-dir", tmp_path, "--dataset", "cifar10", good)  # as before
+    assert_one_line_error(explicit, "cifar10/distilled.pt", "python3 train.py --dataset cifar10", code=2)
+    (tmp_path / "cifar100").mkdir()
+    shutil.copy(checkpoint, tmp_path / "cifar100" / "distilled.pt")
+    several = run_script("predict.py", "--out-dir", tmp_path, good)
+    assert several.returncode == 2 and several.stdout == ""
+    assert several.stderr == (
+        f"predict.py: error: {tmp_path} holds a distilled.pt for 2 datasets (cifar100, folder); "
+        f"pick one with --dataset NAME or --checkpoint PATH\n"
+    )
 
 
 @pytest.mark.parametrize(

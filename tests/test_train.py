@@ -47,6 +47,8 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     gain = json.loads((folder / "results.json").read_text())["distillation_gain"]
     assert gain == round(100 * (results["distilled"]["test_acc"] - results["student"]["test_acc"]), 2)
     assert f"Distillation gain: {gain:+.2f} points" in table
+    source = str(tmp_path / "data" / "cifar-10-python.tar.gz")  # results name the data they were measured on
+    assert all(row["data"] == source for row in results.values()) and f"\ndata: {source}\n" in table
 
     stamp = (folder / "teacher.pt").stat().st_mtime_ns
     again = run_script("train.py", "--data-dir", tmp_path / "data", "--out-dir", out, *FAST)
@@ -66,13 +68,24 @@ def test_distilled_alone_trains_the_missing_teacher_first(tmp_path):
 
 
 def test_missing_data_is_one_line_naming_where_and_how(tmp_path):
-    (tmp_path / "empty").mkdir()
-    result = run_script(
-        "train.py", "--data-dir", tmp_path / "empty", "--out-dir", tmp_path / "out", "--no-download", *FAST
-    )
-    assert_one_line_error(result, "empty", "cifar-10-python.tar.gz", "--data-dir", code=1)
+    (tmp_path / "empty").mkdir()  # (cifar10 would fall back to the bundled copy: tests/test_bundled.py)
+    result = run_script("train.py", "--dataset", "cifar100", "--data-dir", tmp_path / "empty", "--out-dir",
+                        tmp_path / "out", "--no-download", *FAST)  # fmt: skip
+    assert_one_line_error(result, "empty", "cifar-100-python.tar.gz", "--data-dir", code=1)
     result = run_script("train.py", "--data-dir", tmp_path / "nowhere", "--dataset", "folder", *FAST)
     assert_one_line_error(result, "--data-dir", "nowhere", code=2)
+
+
+def test_an_archive_given_as_data_dir_says_the_flag_takes_a_folder_and_what_goes_in_it(tmp_path):
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not read")
+    result = run_script("train.py", "--data-dir", archive, "--out-dir", tmp_path / "out", *FAST)
+    assert_one_line_error(result, code=2)
+    assert result.stderr.strip() == (
+        f"train.py: error: argument --data-dir: {archive} is a file, but the flag takes a folder: for cifar10 it "
+        f"looks there for cifar-10-python.tar.gz, its extracted cifar-10-batches-py/, or train/<class>/ + "
+        f"test/<class>/ image folders (test/ may be val/ or validation/)"
+    )
 
 
 BAD_CONFIGS = [
