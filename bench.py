@@ -4,6 +4,7 @@ loop that typical distillation repos run, side by side on this machine.
     python3 bench.py                                   # generated CIFAR-shaped data
     python3 bench.py --data-dir data/cifar10-jpeg      # real images (any cifar10 source)
     python3 bench.py --quick                           # a smoke run: under a minute on 2 CPU cores
+    python3 bench.py --latency                         # inference latency only, in PyTorch and ONNX Runtime
 
 ours: the repo's path. The dataset is one uint8 tensor on the device, batches
 are augmented all at once (random crop, flip) and normalised there, with
@@ -17,6 +18,14 @@ models, batch size, optimiser and loss.
 Both train the same objectives from distill.py. Timings exclude warm-up steps
 and wait for the device before the clock stops. The figures go to a table and
 to a JSON file (--out).
+
+--latency measures instead where a distilled student is deployed: the teacher
+and the student as export.py ships them (uint8 in, probabilities out, no
+TTA), in PyTorch eager (float32) and in ONNX Runtime, with one thread and with
+all cores: batch-1 latency (median and p90 of 200 calls after 20 warm-up
+calls) and batch-256 throughput (median of 5 batches after one). Speed does
+not depend on the weights, so the networks are fresh ones (10 classes,
+3x32x32 images).
 """
 
 import json
@@ -37,6 +46,7 @@ import data
 import distill
 import models
 import optim
+import report
 import runtime
 
 
@@ -46,7 +56,14 @@ def add_arguments(parser):
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the conventional loop"
     )
-    parser.add_argument("--out", default=None, help="JSON file for the results (default: OUT_DIR/bench.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON file for the results (default: OUT_DIR/bench.json, or OUT_DIR/latency.json)"
+    )
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="only inference latency and throughput, in PyTorch eager and ONNX Runtime",
+    )
 
 
 class PerSampleDataset(torch.utils.data.Dataset):
@@ -190,6 +207,28 @@ def generated_dataset(n, seed=0):
     )
 
 
+def latency(cfg):
+    """The --latency section: teacher and student, eager and ONNX Runtime, one thread and all cores."""
+    networks = {"teacher": models.build(cfg["TEACHER"], 10), "student": models.build(cfg["STUDENT"], 10)}
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    machine = report.device_name(torch.device("cpu"))
+    print(f"latency: {cfg['TEACHER']} (teacher) and {cfg['STUDENT']} (student) as export.py ships them without TTA, "
+          f"float32, on {machine} (native bf16: {'yes' if native_bf16 else 'no'}), torch {torch.__version__}, "
+          f"{report.engine_name()}")  # fmt: skip
+    figures = report.latency_table(networks, 3, 32)
+    print(f"\n{report.latency_markdown(figures)}")
+    for engine in ("eager", "onnxruntime"):
+        ratio = figures["student"][engine][1]["latency_ms"] / figures["teacher"][engine][1]["latency_ms"]
+        print(f"student / teacher, {'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch eager'}, batch 1, "
+              f"1 thread: latency {ratio:.2f}x ({1 / ratio:.1f} times as fast)")  # fmt: skip
+    result = {"device": machine, "native_bf16": native_bf16, "torch": torch.__version__, "engine": report.engine_name(),
+              "teacher": cfg["TEACHER"], "student": cfg["STUDENT"], "latency": figures}  # fmt: skip
+    out = Path(cfg["out"] or Path(cfg["OUT_DIR"]) / "latency.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    print(f"\nwrote {out}")
+
+
 BENCH_SETTINGS = ["DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "METHOD", "BATCH_SIZE", "DEVICE", "OPTIMIZER",
                   "LR", "AMP", "CHANNELS_LAST", "COMPILE", "THREADS", "SEED"]  # fmt: skip
 
@@ -282,6 +321,8 @@ def main(argv=None):
         config.fail("steps", "--steps must be >= 1 and --workers >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
+    if cfg["latency"]:
+        return latency(cfg)
     device = runtime.device(cfg["DEVICE"])
     needed = max(cfg["BATCH_SIZE"], 256) * (steps + 3) + 256  # training batches, or inference batches of 256
     dataset = load_images(cfg, needed)

@@ -13,6 +13,7 @@ OUT_DIR = "checkpoints"  # checkpoints, logs and results go to OUT_DIR/<dataset>
 # models and stages
 TEACHER = "airnet_m"  # teacher model, a name from models.MODELS
 STUDENT = "airnet_xs"  # student model, a name from models.MODELS
+TEACHER_CHECKPOINT = ""  # distil from this teacher file (train.py's .pt, or a state dict of --teacher) instead
 STAGES = "teacher,student,distilled"  # stages to run, in this order
 FRESH = False  # retrain stages whose checkpoint already exists, and start unfinished ones over
 RESUME = False  # continue unfinished stages from their <stage>.last.pt
@@ -106,9 +107,11 @@ RECIPES = {
 # Settings that may change between the runs of a stage (a run and its
 # resumption, or the run that finds the stage finished): where things are,
 # what runs, and how fast. Every other setting shapes a stage's result; the
-# distillation settings and the teacher shape the distilled stage alone.
+# distillation settings and the teacher shape the distilled stage alone (a
+# teacher file's digest is checked, wherever it comes from).
 RUNTIME_SETTINGS = {"DATA_DIR", "DOWNLOAD", "OUT_DIR", "STAGES", "FRESH", "RESUME", "DEVICE", "AMP", "CHANNELS_LAST",
-                    "COMPILE", "THREADS", "DETERMINISTIC", "RECIPE"}  # fmt: skip
+                    "COMPILE", "THREADS", "DETERMINISTIC", "RECIPE",
+                    "TEACHER_CHECKPOINT"}  # fmt: skip
 DISTILLATION_SETTINGS = ("METHOD", "TEMPERATURE", "ALPHA", "DKD_", "LSKD_", "FITNET_", "AT_")  # names and prefixes
 STAGE_NAMES = ("teacher", "student", "distilled")
 

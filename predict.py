@@ -4,13 +4,16 @@
     python3 predict.py a.png b.jpg some_folder/ --top-k 3
     python3 predict.py *.png --checkpoint checkpoints/cifar10/teacher.pt --json
     python3 predict.py data/cifar10-jpeg/test --evaluate
+    python3 predict.py photo.jpg --checkpoint checkpoints/cifar10/distilled.onnx   # a file of export.py
 
 Every image is prepared exactly as training images were: EXIF orientation is
 applied, it is converted to the checkpoint's channels (RGB, or grey), its
 short side is resized to the checkpoint's image size and the centre square is
 cropped, then it is normalised with the checkpoint's mean and std. Like
 train.py's test accuracy, predictions average each image and its mirror when
-the checkpoint was evaluated that way (flip TTA).
+the checkpoint was evaluated that way (flip TTA). An .onnx file written by
+export.py runs in ONNX Runtime, with its own normalisation and TTA, and gives
+the same output.
 
 Exit status: 0 when every file was classified, 1 when any failed, 2 for a
 usage error (bad flag, missing or unusable checkpoint).
@@ -28,6 +31,7 @@ import torch
 import checkpoint
 import config
 import data
+import export
 import models
 import runtime
 
@@ -36,7 +40,11 @@ PROG = "predict.py"
 
 def add_arguments(parser):
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of images")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint to use (default: OUT_DIR/DATASET/distilled.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint to use, or an .onnx file of export.py (default: OUT_DIR/DATASET/distilled.pt)",
+    )
     parser.add_argument("--dataset", default=None, metavar="STR",
                         help="the dataset folder under OUT_DIR whose distilled.pt to use (default: the one that has "
                         f"a distilled.pt, where only one does; else {config.DATASET})")  # fmt: skip
@@ -70,7 +78,8 @@ def default_checkpoint(out_dir, dataset):
 
 
 def load_model(path, default_used, dataset, device):
-    """The checkpoint's model in eval mode, and the checkpoint dict."""
+    """The checkpoint's model in eval mode, and the checkpoint dict; for an
+    .onnx file, an export.OnnxClassifier and the same keys from its metadata."""
     if not Path(path).is_file():
         how = (
             f"train one with: python3 train.py --dataset {dataset}"
@@ -78,6 +87,12 @@ def load_model(path, default_used, dataset, device):
             else "check the path given to --checkpoint"
         )
         usage_error(f"no checkpoint at {path}; {how}")
+    if Path(path).suffix.lower() == ".onnx":
+        try:
+            model = export.OnnxClassifier(path)
+        except ValueError as error:
+            usage_error(f"{path}: {error}")
+        return model, model.info
     try:
         saved = checkpoint.load(path)
         model = checkpoint.build_model(saved)
@@ -119,6 +134,8 @@ def read_image(path, size, channels):
 @torch.no_grad()
 def predict(model, images, checkpoint, device):
     """Class probabilities for a uint8 batch, with the checkpoint's normalisation and TTA."""
+    if isinstance(model, export.OnnxClassifier):  # the exported graph normalises and averages flips itself
+        return model(images)
     batch = data.normalize(images.to(device), checkpoint["mean"], checkpoint["std"])
     return models.probabilities(model, batch, checkpoint.get("tta", False)).cpu()
 

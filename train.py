@@ -30,6 +30,8 @@ import data
 import distill
 import models
 import optim
+import pretrained
+import report
 import runtime
 
 STAGES = config.STAGE_NAMES
@@ -566,10 +568,11 @@ def results_table(rows, num_classes):
     ]
     for stage, m in rows.items():
         top5_cell = f" {m['test_top5']:.2%} |" if top5 else ""
+        trained = "not trained here" if m["train_seconds"] is None else f"{m['train_seconds']:.0f} s"
         lines.append(
             f"| {stage} | {m['model']} | {m['method']} | {m['params']:,} | {m['test_acc']:.2%} |{top5_cell}"
             f" {m['cpu_latency_ms']:.2f} ms "
-            f"| {m['cpu_throughput']:,.0f} img/s | {m['train_seconds']:.0f} s |"
+            f"| {m['cpu_throughput']:,.0f} img/s | {trained} |"
         )
     gain = distillation_gain(rows)
     if gain is not None:
@@ -662,16 +665,22 @@ def plan(cfg, dataset, device, out_dir):
     None) and the finished checkpoints to reuse. A saved stage whose settings
     differ from this run's is never reused: it stops the run when it is asked
     for (or needed as the teacher), and is left out of the results otherwise."""
-    requested = [s for s in STAGES if s in cfg["STAGES"].split(",")]
+    brought = cfg["TEACHER_CHECKPOINT"]  # a teacher brought along is not trained
+    if brought and not Path(brought).is_file():
+        config.fail("teacher-checkpoint", f"{brought}: no such file; give the path of a teacher checkpoint")
+    stages = [s for s in STAGES if not (brought and s == "teacher")]
+    requested = [s for s in stages if s in cfg["STAGES"].split(",")]
     finished, stale = {}, {}
-    for stage in STAGES:
+    teacher_file = Path(brought) if brought else out_dir / "teacher.pt"
+    for stage in stages:
         if cfg["FRESH"] and stage in requested:
             continue
-        digest = checkpoint.file_digest(out_dir / "teacher.pt") if "teacher" in finished else None
+        digest = checkpoint.file_digest(teacher_file) if brought or "teacher" in finished else None
         saved, changed = load_finished(out_dir, stage, cfg, dataset, digest)
         if saved is not None:
             (stale if changed else finished)[stage] = changed or saved
-    if "distilled" in requested and "distilled" not in finished and "teacher" not in [*finished, *requested]:
+    needs_teacher = "distilled" in requested and "distilled" not in finished and not brought
+    if needs_teacher and "teacher" not in [*finished, *requested]:
         if "teacher" not in stale:
             print("distilled needs a teacher and none is saved: training the teacher first")
         requested.insert(0, "teacher")
@@ -685,7 +694,7 @@ def plan(cfg, dataset, device, out_dir):
         elif stage in finished and stage in requested:
             print(f"{stage}: {path} exists (test accuracy {finished[stage]['metrics']['test_acc']:.2%}); "
                   f"skipping it (--fresh retrains)")  # fmt: skip
-    teacher_digest = checkpoint.file_digest(out_dir / "teacher.pt") if "teacher" in finished else None
+    teacher_digest = checkpoint.file_digest(teacher_file) if brought or "teacher" in finished else None
     todo = {stage: load_unfinished(out_dir, stage, cfg, device, teacher_digest if stage == "distilled" else None)
             for stage in requested if stage not in finished}  # fmt: skip
     return todo, finished
@@ -700,14 +709,42 @@ def data_sources(rows):
     return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
 
 
-def report(cfg, results, out_dir, num_classes):
+def brought_teacher(cfg, dataset, device):
+    """The teacher of --teacher-checkpoint, its file's digest and its metrics
+    (test accuracy measured here), or a one-line error for a file that is not
+    a teacher checkpoint or whose weights do not fit --teacher."""
+    path = cfg["TEACHER_CHECKPOINT"]
+    try:
+        model, kind = pretrained.load_teacher(path, cfg["TEACHER"], dataset.classes, dataset.in_channels)
+    except ValueError as error:
+        raise TrainingError(f"argument --teacher-checkpoint: {path}: {error}", exit_code=2) from None
+    model = model.to(device, memory_format=torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format)
+    test_acc, test_top5 = evaluate(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std, cfg["TTA"],
+                                   cfg["CHANNELS_LAST"])  # fmt: skip
+    latency_ms, throughput = runtime.cpu_speed(model, dataset.in_channels, dataset.image_size)
+    params = models.count_params(model)
+    print(f"teacher: {cfg['TEACHER']} ({params:,} params) from {path} ({kind}), not trained by this run: "
+          f"test accuracy {test_acc:.2%}")  # fmt: skip
+    metrics = {"model": cfg["TEACHER"], "params": params, "test_acc": test_acc, "test_top5": test_top5,
+               "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None,
+               "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1), "device": str(device),
+               "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path)}  # fmt: skip
+    return model, checkpoint.file_digest(path), metrics
+
+
+def write_results(cfg, results, out_dir, dataset, device, teacher):
+    """results.md and results.json: the stages side by side, the distillation's
+    gain, the compression report, the curves and the run."""
     rows = {stage: results[stage] for stage in STAGES if stage in results}
-    table = results_table(rows, num_classes)
+    table = results_table(rows, len(dataset.classes))
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
           f"{data_sources(rows)}")  # fmt: skip
-    checkpoint.write_text(out_dir / "results.md", f"# {cfg['DATASET']}\n\n{table}\n{data_sources(rows)}")
-    summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows)}
-    checkpoint.write_text(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1])
+    summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows), "run": run}
+    brought = cfg["TEACHER_CHECKPOINT"]
+    files = {stage: Path(brought) if stage == "teacher" and brought else out_dir / f"{stage}.pt" for stage in rows}
+    report.write_results(out_dir, cfg["DATASET"], f"{table}\n{data_sources(rows)}", summary, files,
+                         dataset.in_channels, dataset.image_size, {"teacher": teacher} if brought else {})  # fmt: skip
 
 
 def main(argv=None):
@@ -717,7 +754,9 @@ def main(argv=None):
     todo, finished = plan(cfg, dataset, device, out_dir)
     results = {stage: saved["metrics"] for stage, saved in finished.items()}
     teacher = digest = None
-    if "distilled" in todo and "teacher" in finished:  # check the saved teacher now, not after the other stages
+    if cfg["TEACHER_CHECKPOINT"]:
+        teacher, digest, results["teacher"] = brought_teacher(cfg, dataset, device)
+    elif "distilled" in todo and "teacher" in finished:  # check the saved teacher now, not after the other stages
         teacher, digest = saved_teacher(out_dir, finished["teacher"])
     for stage, resume in todo.items():
         distilled = stage == "distilled"
@@ -730,8 +769,11 @@ def main(argv=None):
             ) from None
         if stage == "teacher":  # distil from the teacher as saved (in a torchrun job, every process reads it)
             teacher, digest = saved_teacher(out_dir, checkpoint.load(out_dir / "teacher.pt"))
+        if master_process:
+            report.draw_curves(out_dir, [s for s in STAGES if s in results])
     if master_process:
-        report(cfg, results, out_dir, len(dataset.classes))
+        report.draw_curves(out_dir, [s for s in STAGES if s in results])
+        write_results(cfg, results, out_dir, dataset, device, teacher)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,392 @@
+"""What a run reports besides accuracy: compute, speed where the model will
+run, the compression report, training curves, and where the numbers came from.
+
+- MACs per image, counted by torch.utils.flop_counter (FLOPs / 2).
+- Latency at batch 1 (median and p90 of single calls, after warm-up) and
+  throughput at batch 256, in ONNX Runtime and in PyTorch eager, with a given
+  number of threads. What is timed is what export.py ships, without flip
+  TTA: uint8 images in, normalisation, the network, probabilities out (TTA
+  doubles the cost of a call).
+- The compression report of train.py: teacher, student and distilled side by
+  side, and the student's ratios to the teacher.
+- curves.png, drawn from the <stage>.jsonl logs.
+- The run's provenance: seed, git commit, torch version, device, bf16.
+"""
+
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+import export
+import models
+from checkpoint import atomic_write, build_model
+from checkpoint import load as load_checkpoint
+
+STAGE_COLOURS = {"teacher": "tab:blue", "student": "tab:orange", "distilled": "tab:green"}
+CURVES_SIZE = (10, 4)  # inches: with CURVES_DPI, curves.png is 1000 x 400 pixels
+CURVES_DPI = 100
+LATENCY_CALLS = 200  # timed batch-1 calls, after LATENCY_WARMUP untimed ones
+LATENCY_WARMUP = 20
+THROUGHPUT_BATCH = 256
+THROUGHPUT_REPEATS = 5  # timed batches, after one untimed
+
+
+# ---------------------------------------------------------------- compute and speed
+
+
+@torch.no_grad()
+def macs_per_image(model, in_channels, image_size):
+    """Multiply-accumulates of one image's forward pass in eval mode: torch's
+    FLOP counter counts convolutions and matrix products (2 FLOPs per MAC);
+    norms, activations and pooling are not counted."""
+    model = copy.deepcopy(model).float().cpu().eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, in_channels, image_size, image_size))
+    return counter.get_total_flops() // 2
+
+
+def deployable(model, in_channels):
+    """The network as export.py ships it without TTA, in float32 on the CPU.
+    The normalisation constants do not change the cost, so any will do."""
+    return export.Deployable(copy.deepcopy(model).float().cpu(), (0.5,) * in_channels, (0.25,) * in_channels, tta=False)
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def call_seconds(run, example, calls, warmup):
+    """Wall time of each of `calls` calls of run(example), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run(example)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run(example)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def speed(module, in_channels, image_size, engine, threads, onnx_path=None, batch1=True, batch256=True):
+    """Batch-1 latency (median and p90, ms) and batch-256 throughput (images/s)
+    of `module` (a Deployable) in `engine` ("onnxruntime", from the file at
+    `onnx_path`, or "eager") with `threads` threads. Inputs are made before
+    the clock starts; a call includes handing the input over and getting the
+    probabilities back."""
+    generator = torch.Generator().manual_seed(0)
+    single = torch.randint(0, 256, (1, in_channels, image_size, image_size), dtype=torch.uint8, generator=generator)
+    batch = torch.randint(
+        0, 256, (THROUGHPUT_BATCH, in_channels, image_size, image_size), dtype=torch.uint8, generator=generator
+    )
+    if engine == "onnxruntime":
+        session = export.onnx_session(onnx_path, threads)
+        run = lambda images: session.run(None, {"images": images})  # noqa: E731
+        single, batch = single.numpy(), batch.numpy()
+        context = contextlib.nullcontext()
+    else:
+        run = module.to(memory_format=torch.channels_last)  # this repo's layout: faster convolutions on CPU
+        context = torch_threads(threads)
+    result = {}
+    with context, torch.inference_mode():
+        if batch1:
+            times = sorted(call_seconds(run, single, LATENCY_CALLS, LATENCY_WARMUP))
+            result["latency_ms"] = statistics.median(times) * 1000
+            result["latency_p90_ms"] = times[int(0.9 * len(times))] * 1000
+        if batch256:
+            result["throughput"] = THROUGHPUT_BATCH / statistics.median(call_seconds(run, batch, THROUGHPUT_REPEATS, 1))
+    return result
+
+
+def all_cores():
+    return os.cpu_count() or 1
+
+
+def latency_table(networks, in_channels, image_size):
+    """Every network of {name: model} in eager PyTorch and ONNX Runtime, with
+    one thread and with all cores: {name: {engine: {threads: speed}}}."""
+    figures = {}
+    settings = [(engine, threads) for engine in ("eager", "onnxruntime") for threads in sorted({1, all_cores()})]
+    with tempfile.TemporaryDirectory() as folder:
+        bar = tqdm(total=len(networks) * len(settings), desc="latency", unit="setting", leave=False, disable=None)
+        for name, model in networks.items():
+            module = deployable(model, in_channels)
+            onnx_path = Path(folder) / f"{name}.onnx"
+            export.write_onnx(module, torch.zeros(2, in_channels, image_size, image_size, dtype=torch.uint8), onnx_path)
+            for engine, threads in settings:
+                figures.setdefault(name, {}).setdefault(engine, {})[threads] = speed(
+                    module, in_channels, image_size, engine, threads, onnx_path
+                )
+                bar.update()
+        bar.close()
+    return figures
+
+
+def latency_markdown(figures):
+    lines = [
+        "| network | engine | threads | batch 1: median | batch 1: p90 | batch 256 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, engines in figures.items():
+        for engine, by_threads in engines.items():
+            for threads, s in by_threads.items():
+                label = "ONNX Runtime" if engine == "onnxruntime" else "PyTorch eager"
+                lines.append(
+                    f"| {name} | {label} | {threads} | {s['latency_ms']:.3f} ms | {s['latency_p90_ms']:.3f} ms "
+                    f"| {s['throughput']:,.0f} img/s |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the compression report
+
+
+def compression(networks, in_channels, image_size):
+    """The compression report of a run. networks: {stage: (model name, model,
+    checkpoint path, test accuracy)}. Each architecture is exported and timed
+    once (the student and the distilled student are one network): batch-1
+    latency with one thread, batch-256 throughput with all cores, in ONNX
+    Runtime."""
+    rows, measured = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for stage, (name, model, path, test_acc) in tqdm(
+            networks.items(), desc="compression report", leave=False, disable=None
+        ):
+            if name not in measured:
+                module = deployable(model, in_channels)
+                onnx_path = Path(folder) / f"{name}.onnx"
+                export.write_onnx(
+                    module, torch.zeros(2, in_channels, image_size, image_size, dtype=torch.uint8), onnx_path
+                )
+                measured[name] = {
+                    "macs": macs_per_image(model, in_channels, image_size),
+                    **speed(module, in_channels, image_size, "onnxruntime", 1, onnx_path, batch256=False),
+                    **speed(module, in_channels, image_size, "onnxruntime", all_cores(), onnx_path, batch1=False),
+                }
+            rows[stage] = {
+                "model": name,
+                "params": models.count_params(model),
+                "checkpoint_bytes": Path(path).stat().st_size,
+                "test_acc": test_acc,
+                **measured[name],
+            }
+    return {
+        "rows": rows,
+        "student_vs_teacher": ratios(rows),
+        "engine": engine_name(),
+        "latency_threads": 1,
+        "throughput_threads": all_cores(),
+    }
+
+
+def ratios(rows):
+    """The student's size, MACs and latency over the teacher's, and the points
+    of test accuracy the student alone loses and distillation wins back."""
+    teacher, student = rows.get("teacher"), rows.get("student") or rows.get("distilled")
+    if teacher is None or student is None:
+        return None
+    out = {key: student[key] / teacher[key] for key in ("checkpoint_bytes", "macs", "latency_ms")}
+    if "student" in rows:
+        out["accuracy_lost_points"] = 100 * (teacher["test_acc"] - rows["student"]["test_acc"])
+        if "distilled" in rows:
+            out["accuracy_won_back_points"] = 100 * (rows["distilled"]["test_acc"] - rows["student"]["test_acc"])
+    return out
+
+
+def engine_name():
+    import onnxruntime
+
+    return f"ONNX Runtime {onnxruntime.__version__}"
+
+
+def size_text(size):
+    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def compression_markdown(report):
+    """The report as a markdown table and its last line."""
+    lines = [
+        f"| stage | model | params | MACs per image | checkpoint | test accuracy | latency, batch 1, 1 thread "
+        f"(median / p90) | throughput, batch 256, {report['throughput_threads']} threads |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, row in report["rows"].items():
+        lines.append(
+            f"| {stage} | {row['model']} | {row['params']:,} | {row['macs'] / 1e6:,.2f} M "
+            f"| {size_text(row['checkpoint_bytes'])} | {row['test_acc']:.2%} "
+            f"| {row['latency_ms']:.3f} / {row['latency_p90_ms']:.3f} ms | {row['throughput']:,.0f} img/s |"
+        )
+    r = report["student_vs_teacher"]
+    text = "\n".join(lines) + "\n"
+    if r is not None:
+        text += (
+            f"\nStudent / teacher: checkpoint {r['checkpoint_bytes']:.2f}x, MACs {r['macs']:.2f}x, "
+            f"latency {r['latency_ms']:.2f}x ({1 / r['latency_ms']:.1f} times as fast)"
+        )
+        if "accuracy_lost_points" in r:
+            lost = r["accuracy_lost_points"]
+            text += (
+                f"; the student alone loses {lost:.2f} points of test accuracy"
+                if lost >= 0
+                else f"; the student alone is {-lost:.2f} points of test accuracy above the teacher"
+            )
+        if "accuracy_won_back_points" in r:
+            won = r["accuracy_won_back_points"]
+            text += f", distillation wins back {won:.2f}" if won >= 0 else f", distillation loses {-won:.2f} more"
+        text += ".\n"
+    return text + (
+        f"\n{report['engine']}, the exported network without TTA (uint8 in, probabilities out), "
+        f"{report['throughput_threads']} CPU cores.\n"
+    )
+
+
+def write_results(out_dir, title, table, summary, checkpoints, in_channels, image_size, loaded):
+    """Print the compression report and write results.md and results.json:
+    train.py's table and summary (whose "stages" are the rows), the
+    compression report, the curves and the run (summary["run"]).
+    checkpoints: {stage: file}; loaded: {stage: model} for files that are not
+    checkpoints of this repo (a teacher brought with --teacher-checkpoint)."""
+    networks = {
+        stage: (
+            row["model"],
+            loaded[stage] if stage in loaded else build_model(load_checkpoint(checkpoints[stage])),
+            checkpoints[stage],
+            row["test_acc"],
+        )
+        for stage, row in summary["stages"].items()
+    }
+    print("measuring the compression report in ONNX Runtime...")
+    report = compression(networks, in_channels, image_size)
+    text = compression_markdown(report)
+    print(f"\n{text}")
+    atomic_write(
+        Path(out_dir) / "results.md",
+        lambda path: path.write_text(
+            f"# {title}\n\n{table}\n## Compression\n\n{text}\n## Training curves\n\n![training curves](curves.png)\n\n"
+            f"## Run\n\n{run_markdown(summary['run'])}"
+        ),
+    )
+    atomic_write(Path(out_dir) / "results.json", lambda path: path.write_text(
+        json.dumps({**summary, "compression": report}, indent=2) + "\n"))  # fmt: skip
+
+
+# ---------------------------------------------------------------- training curves
+
+
+def curve_series(out_dir, stages):
+    """{stage: {"epoch", "loss", "val_acc"}} read from the <stage>.jsonl logs
+    in out_dir, for the stages that have one."""
+    series = {}
+    for stage in stages:
+        path = Path(out_dir) / f"{stage}.jsonl"
+        if not path.exists():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        series[stage] = {key: [r[key] for r in records] for key in ("epoch", "loss", "val_acc")}
+    return series
+
+
+def draw_curves(out_dir, stages):
+    """Draw out_dir/curves.png: training loss and validation accuracy per
+    epoch, one colour per stage. Returns the matplotlib Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=CURVES_SIZE, dpi=CURVES_DPI)
+    FigureCanvasAgg(figure)  # the Agg backend, without pyplot's global state
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    validated = False
+    for stage, series in curve_series(out_dir, stages).items():
+        colour = STAGE_COLOURS[stage]
+        loss_axes.plot(series["epoch"], series["loss"], marker="o", color=colour, label=stage)
+        points = [(e, 100 * a) for e, a in zip(series["epoch"], series["val_acc"]) if a is not None]
+        if points:
+            accuracy_axes.plot(*zip(*points), marker="o", color=colour, label=stage)
+            validated = True
+    loss_axes.set(xlabel="epoch", ylabel="training loss", title="training loss (each stage's own objective)")
+    accuracy_axes.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy")
+    if not validated:
+        accuracy_axes.text(
+            0.5, 0.5, "no validation split (--val-size 0)", ha="center", va="center", transform=accuracy_axes.transAxes
+        )
+    for axes in (loss_axes, accuracy_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if axes.get_lines():
+            axes.legend()
+    figure.tight_layout()
+    atomic_write(Path(out_dir) / "curves.png", lambda path: figure.savefig(path, format="png"))
+    return figure
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def git_commit():
+    """(commit, whether tracked files differ from it) of this code's checkout, or (None, None) outside one."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=30
+        )
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None, None
+        return head.stdout.strip(), bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {all_cores()} cores"
+    return f"{platform.processor() or platform.machine()}, {all_cores()} cores"
+
+
+def run_markdown(run):
+    commit = (
+        "not a git checkout"
+        if run["git_commit"] is None
+        else (f"commit `{run['git_commit'][:12]}`" + (" with uncommitted changes" if run["git_dirty"] else ""))
+    )
+    return (
+        f"Seed {run['seed']}, {commit}, torch {run['torch']}, {run['device']} ({run['device_name']}), "
+        f"bf16 {'on' if run['bf16'] else 'off'}.\n"
+    )
+
+
+def run_info(seed, device, bf16):
+    commit, dirty = git_commit()
+    return {
+        "seed": seed,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": device_name(device),
+        "bf16": bf16,
+    }
