@@ -44,8 +44,8 @@ ALTERNATE_FLIP = True  # with FLIP: flip a fixed random half of the images in od
 TTA = True  # evaluate on each image and its mirror, averaging the predictions
 
 # distillation
-TEMPERATURE = 4.0  # softmax temperature T of the distillation term
-ALPHA = 0.9  # weight of the distillation term; CE gets 1 - ALPHA (some repos use the opposite convention)
+TEMPERATURE = 2.0  # softmax temperature T of the distillation term
+ALPHA = 0.5  # weight of the distillation term; CE gets 1 - ALPHA (some repos use the opposite convention)
 DKD_ALPHA = 1.0  # dkd: weight of the target-class term (TCKD)
 DKD_BETA = 8.0  # dkd: weight of the non-target term (NCKD); the paper tunes it per pair
 DKD_WARMUP = 0.1  # dkd: fraction of training over which its distillation term ramps up (paper: 20 of 240 epochs)
@@ -209,7 +209,7 @@ def typed(name, value):
     """A setting as the user would type it on the command line."""
     if isinstance(value, bool):
         return f"--{'' if value else 'no-'}{flag(name)}"
-    return f"--{flag(name)} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+    return f"--{flag(name)} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value or chr(34) * 2}"
 
 
 def fail(flag_name, message, prog=None):

@@ -142,7 +142,7 @@ def test_usage_errors_are_one_line(trained, tmp_path):
     assert_one_line_error(result, "--out", "is not a folder", code=2)
     (tmp_path / "text.pt").write_text("not a checkpoint")
     result = run_script("export.py", "--checkpoint", tmp_path / "text.pt")
-    assert_one_line_error(result, "text.pt", "not a readable checkpoint", code=2)
+    assert_one_line_error(result, "text.pt", "not a checkpoint written by train.py", code=2)
     result = run_script("export.py", "--checkpoint", checkpoint, "--data-dir", tmp_path / "none")
     assert_one_line_error(result, "--data-dir", "is not a folder", code=2)
     result = run_script("export.py", "--checkpoint", checkpoint, "--format", "tflite")

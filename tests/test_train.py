@@ -163,7 +163,7 @@ def test_help_lists_every_constant_with_its_default():
     for name in config.defaults():
         assert f"--{name.lower().replace('_', '-')}" in text
     alpha_help = text.split("--alpha FLOAT ")[1].split(" --")[0]
-    assert "weight of the distillation term" in alpha_help and "(default: 0.9)" in alpha_help
+    assert "weight of the distillation term" in alpha_help and "(default: 0.5)" in alpha_help
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +378,7 @@ def finished_run(tmp_path_factory):
 
 STALE = [
     (["--stages", "distilled", "--method", "dkd"], "distilled.pt", "--method kd then, dkd now"),
-    (["--stages", "distilled", "--temperature", "2"], "distilled.pt", "--temperature 4.0 then, 2.0 now"),
+    (["--stages", "distilled", "--temperature", "3"], "distilled.pt", "--temperature 2.0 then, 3.0 now"),
     (["--stages", "student", "--epochs", "1,2,1"], "student.pt", "--epochs 1 then, 2 now"),
     (["--stages", "teacher", "--weight-decay", "0.1"], "teacher.pt", "--weight-decay"),
 ]
