@@ -686,7 +686,7 @@ def plan(cfg, dataset, device, out_dir):
         requested.insert(0, "teacher")
     for stage in STAGES:
         path = out_dir / f"{stage}.pt"
-        if stage in stale and stage in requested:
+        if stage in stale and stage in requested and not cfg["FRESH"]:  # with --fresh it is retrained
             raise TrainingError(f"{path} was made with other settings ({'; '.join(stale[stage])}); pass --fresh to "
                                 f"retrain it, or choose another --out-dir", exit_code=2)  # fmt: skip
         if stage in stale:

@@ -411,6 +411,11 @@ def test_a_distilled_stage_is_refused_against_another_teacher_and_reused_with_it
     )
     assert left_out.returncode == 0 and "distilled.pt was made with other settings; left out" in left_out.stdout
     assert set(json.loads((out / "cifar10" / "results.json").read_text())["stages"]) == {"teacher", "student"}
+    # a teacher of other settings that the distilled stage needs is retrained with --fresh
+    fresh = run_script("train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST,
+                       "--stages", "distilled", "--weight-decay", "0.01", "--fresh")  # fmt: skip
+    assert fresh.returncode == 0 and "training the teacher first" not in fresh.stdout, fresh.stderr[-2000:]
+    assert "== teacher:" in fresh.stdout and "== distilled:" in fresh.stdout
 
 
 def test_reported_test_accuracy_is_what_predict_evaluate_measures_under_bf16(tmp_path):
