@@ -22,9 +22,9 @@ METHOD = "kd"  # distillation method, a name from distill.METHODS
 # optimisation: AdamW, a linear warm-up, then a linear decay to zero, stepped per batch
 RECIPE = "default"  # default (the constants here) | airbench (SGD speed records) | paper (CIFAR-100 benchmark)
 EPOCHS = (12, 8, 8)  # epochs of the teacher, student and distilled stages (one number sets all three)
-BATCH_SIZE = 256  # images per step (in all, under torchrun)
+BATCH_SIZE = 128  # images per step (in all, under torchrun)
 OPTIMIZER = "adamw"  # adamw (Adam, decoupled weight decay) | sgd (Nesterov momentum)
-LR = (4e-3, 4e-3, 4e-3)  # peak learning rate of the teacher, student and distilled stages (one number: all three)
+LR = (8e-3, 8e-3, 8e-3)  # peak learning rate of the teacher, student and distilled stages (one number: all three)
 ADAM_BETAS = (0.9, 0.99)  # Adam's decay rates of the gradient's first and second moments
 WEIGHT_DECAY = 0.05  # decoupled for adamw, L2 for sgd; never applied to biases and norm weights
 WARMUP = 0.1  # fraction of the steps with a linear warm-up, before the decay
