@@ -187,3 +187,23 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
     again = run_script("train.py", *args, "--stages", "student")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "skipping" in again.stdout and png_size(folder / "curves.png") == (1000, 400)
+
+
+def test_a_failed_export_still_writes_the_results(tmp_path, monkeypatch, capsys):
+    """The report comes after training: an exporter that cannot convert an op
+    (torch 2.11's, on AirNet's global max-pool) must not lose a run's results."""
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("No ONNX function found for aten.adaptive_max_pool2d\n(a long stack)")
+
+    monkeypatch.setattr(report.export, "write_onnx", unsupported)
+    stages = {"student": {"model": "airnet_xs", "test_acc": 0.5}}
+    summary = {"stages": stages, "run": report.run_info(0, torch.device("cpu"), False)}
+    model = models.build("airnet_xs", 10)
+    report.write_results(tmp_path, "cifar10", "| table |\n", summary, {"student": tmp_path / "student.pt"}, 3, 32,
+                         {"student": model})  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stages"] == stages
+    assert results["compression"] == {"error": "RuntimeError: No ONNX function found for aten.adaptive_max_pool2d"}
+    assert "Not measured: exporting to ONNX failed" in (tmp_path / "results.md").read_text()
+    assert "compression report skipped" in capsys.readouterr().err
