@@ -280,6 +280,18 @@ def test_paper_recipe_pair_settings_never_replace_typed_values():
     )  # a typed --lr sets every stage
 
 
+def test_the_default_recipe_distils_cifar100_at_its_own_temperature_and_weight():
+    import config
+
+    assert config.parse([])["TEMPERATURE"] == 2.0 and config.parse([])["ALPHA"] == 0.5
+    cifar100 = config.parse(["--dataset", "cifar100"])
+    assert (cifar100["TEMPERATURE"], cifar100["ALPHA"]) == (1.0, 0.9)
+    typed = config.parse(["--dataset", "cifar100", "--temperature", "3"])
+    assert (typed["TEMPERATURE"], typed["ALPHA"]) == (3.0, 0.9)  # a typed flag wins, the other setting stays
+    airbench = config.parse(["--dataset", "cifar100", "--recipe", "airbench"])  # another recipe: its own settings
+    assert (airbench["TEMPERATURE"], airbench["ALPHA"]) == (4.0, 0.9)
+
+
 def test_abbreviated_flags_are_refused(capsys):
     import config
 
