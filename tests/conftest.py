@@ -177,6 +177,14 @@ def cifar10_archive(tmp_path):
 FAST = "--teacher airnet_s --student airnet_xs --epochs 1 --batch-size 16 --val-size 10 --device cpu".split()
 
 
+def train_teacher(data_dir, out_dir, epochs, dataset="cifar10"):
+    """Train a teacher with train.py on tiny data (FAST settings, `epochs` epochs); returns its checkpoint."""
+    result = run_script("train.py", "--dataset", dataset, "--data-dir", data_dir, "--out-dir", out_dir,
+                        "--stages", "teacher", *FAST, "--epochs", epochs)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return Path(out_dir) / dataset / "teacher.pt"
+
+
 def tensor_dataset(images, labels, num_classes, mean=(0.5,) * 3, std=(0.25,) * 3):
     """A data.Data whose training and test sets are `images`, with no validation split."""
     import data

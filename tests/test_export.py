@@ -15,7 +15,7 @@ import export
 import models
 from checkpoint import build_model
 from checkpoint import load as load_checkpoint
-from conftest import FAST, assert_one_line_error, coloured_images, run_script, write_cifar10
+from conftest import assert_one_line_error, coloured_images, run_script, train_teacher, write_cifar10
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +23,7 @@ def trained(tmp_path_factory):
     """A teacher checkpoint trained by train.py on tiny CIFAR-10 data, flip TTA on."""
     root = tmp_path_factory.mktemp("export")
     write_cifar10(root / "data", per_class_train=10, per_class_test=4)
-    result = run_script(
-        "train.py",
-        "--data-dir",
-        root / "data",
-        "--out-dir",
-        root / "out",
-        "--stages",
-        "teacher",
-        *FAST,
-        "--epochs",
-        "4",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "out" / "cifar10" / "teacher.pt", root / "data"
+    return train_teacher(root / "data", root / "out", 4), root / "data"
 
 
 def reference(checkpoint_path, images, tta=True):

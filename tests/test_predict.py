@@ -12,7 +12,7 @@ from PIL import Image
 
 import checkpoint
 import data
-from conftest import FAST, assert_one_line_error, coloured_images, run_script, write_image_tree
+from conftest import assert_one_line_error, coloured_images, run_script, train_teacher, write_image_tree
 
 CLASSES = ["cat", "dog", "fish"]
 
@@ -22,22 +22,7 @@ def trained(tmp_path_factory):
     """A teacher checkpoint trained by train.py on a tiny image tree."""
     root = tmp_path_factory.mktemp("predict")
     write_image_tree(root / "tree", classes=CLASSES, per_class_train=10, per_class_test=4, mixed=False)
-    result = run_script(
-        "train.py",
-        "--dataset",
-        "folder",
-        "--data-dir",
-        root / "tree",
-        "--out-dir",
-        root / "out",
-        "--stages",
-        "teacher",
-        *FAST,
-        "--epochs",
-        "3",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "out" / "folder" / "teacher.pt", root / "tree"
+    return train_teacher(root / "tree", root / "out", 3, dataset="folder"), root / "tree"
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from conftest import (
     assert_one_line_error,
     run_script,
     tensor_dataset,
+    train_teacher,
     write_cifar10,
     write_cifar100,
     write_image_tree,
@@ -171,19 +172,7 @@ def method_setup(tmp_path_factory):
     """Tiny CIFAR-10 data and a teacher trained on it, shared by the method runs."""
     root = tmp_path_factory.mktemp("methods")
     write_cifar10(root / "data", per_class_train=20, per_class_test=2)
-    result = run_script(
-        "train.py",
-        "--data-dir",
-        root / "data",
-        "--out-dir",
-        root / "teacher",
-        *FAST,
-        "--stages",
-        "teacher",
-        "--epochs",
-        "3",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_teacher(root / "data", root / "teacher", 3)
     return root
 
 
