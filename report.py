@@ -276,14 +276,15 @@ def write_results(out_dir, title, table, summary, checkpoints, in_channels, imag
     print("measuring the compression report in ONNX Runtime...")
     try:
         report = compression(networks, in_channels, image_size)
-        text = compression_markdown(report)
-        print(f"\n{text}")
     except Exception as error:  # the report comes after training: a failed export must not lose the results
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         report = {"error": reason}
         text = f"Not measured: exporting to ONNX failed ({reason}).\n"
         print(f"warning: compression report skipped: exporting to ONNX failed ({reason}); results are written "
               f"without it", file=sys.stderr)  # fmt: skip
+    else:
+        text = compression_markdown(report)
+        print(f"\n{text}")
     atomic_write(
         Path(out_dir) / "results.md",
         lambda path: path.write_text(
