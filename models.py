@@ -104,6 +104,16 @@ class Scale(nn.Module):
         return x * self.factor
 
 
+class GlobalMaxPool(nn.Module):
+    """The maximum over height and width, as a 1x1 map: nn.AdaptiveMaxPool2d(1)
+    written as a max-pool whose window is the whole map, which exports to ONNX
+    on every torch (torch 2.11's exporter cannot convert adaptive_max_pool2d)
+    and trains as fast (amax's backward is two to four times slower)."""
+
+    def forward(self, x):
+        return nn.functional.max_pool2d(x, x.shape[-2:])
+
+
 class AirNet(Classifier):
     """A VGG-like net built for accuracy per FLOP on 32x32 images.
 
@@ -134,7 +144,7 @@ class AirNet(Classifier):
         for width in widths:
             self.stages.append(nn.Sequential(conv_bn_act(previous, width, pool=True), conv_bn_act(width, width)))
             previous = width
-        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.pool = GlobalMaxPool()
         self.head = nn.Sequential(nn.Linear(previous, num_classes), Scale(1 / 9))
 
     @torch.no_grad()

@@ -34,6 +34,11 @@ def test_default_models_apply_dropout_in_training_only(name):
     assert torch.equal(plain(x), plain(x))  # so the difference above came from dropout alone
 
 
+def test_global_max_pool_is_the_adaptive_max_pool():
+    x = torch.randn(3, 5, 7, 6)
+    assert torch.equal(models.GlobalMaxPool()(x), torch.nn.AdaptiveMaxPool2d(1)(x))
+
+
 def test_unknown_model_names_the_choices():
     with pytest.raises(KeyError, match="airnet_xs"):
         models.build("resnet9000", 10)
