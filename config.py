@@ -214,7 +214,8 @@ def typed(name, value):
     """A setting as the user would type it on the command line."""
     if isinstance(value, bool):
         return f"--{'' if value else 'no-'}{flag(name)}"
-    return f"--{flag(name)} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value or chr(34) * 2}"
+    shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return f"--{flag(name)} {shown or chr(34) * 2}"  # an empty string shows as ""
 
 
 def fail(flag_name, message, prog=None):

@@ -165,6 +165,8 @@ def test_help_lists_every_constant_with_its_default():
         assert f"--{name.lower().replace('_', '-')}" in text
     alpha_help = text.split("--alpha FLOAT ")[1].split(" --")[0]
     assert "weight of the distillation term" in alpha_help and "(default: 0.5)" in alpha_help
+    assert "(default: 0)" in text.split("--seed INT ")[-1].split(" --")[0]  # a zero is shown, not ""
+    assert '(default: "")' in text.split("--teacher-checkpoint STR ")[-1].split(" --stages")[0]
 
 
 @pytest.fixture(scope="module")
