@@ -562,8 +562,8 @@ def results_table(rows, num_classes):
     """The stages side by side (with top-5 accuracy for more than 10 classes), then the distillation's gain."""
     top5 = num_classes > 10
     lines = [
-        f"| stage | model | method | params | test accuracy |{' top-5 |' if top5 else ''} CPU latency (batch 1) "
-        f"| CPU throughput (batch 256) | train time |",
+        f"| stage | model | method | params | test accuracy |{' top-5 |' if top5 else ''}"
+        f" PyTorch CPU latency (batch 1) | PyTorch CPU throughput (batch 256) | train time |",
         f"|---|---|---|---:|---:|{'---:|' if top5 else ''}---:|---:|---:|",
     ]
     for stage, m in rows.items():
