@@ -732,14 +732,13 @@ def brought_teacher(cfg, dataset, device):
     return model, checkpoint.file_digest(path), metrics
 
 
-def write_results(cfg, results, out_dir, dataset, device, teacher):
+def write_results(cfg, results, out_dir, dataset, run, teacher):
     """results.md and results.json: the stages side by side, the distillation's
-    gain, the compression report, the curves and the run."""
+    gain, the compression report, the curves and `run` (report.run_info)."""
     rows = {stage: results[stage] for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
           f"{data_sources(rows)}")  # fmt: skip
-    run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1])
     summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows), "run": run}
     brought = cfg["TEACHER_CHECKPOINT"]
     files = {stage: Path(brought) if stage == "teacher" and brought else out_dir / f"{stage}.pt" for stage in rows}
@@ -750,6 +749,7 @@ def write_results(cfg, results, out_dir, dataset, device, teacher):
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0])
     device, out_dir = set_up(cfg)
+    run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1])  # the code as it starts
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
     results = {stage: saved["metrics"] for stage, saved in finished.items()}
@@ -773,7 +773,7 @@ def main(argv=None):
             report.draw_curves(out_dir, [s for s in STAGES if s in results])
     if master_process:
         report.draw_curves(out_dir, [s for s in STAGES if s in results])
-        write_results(cfg, results, out_dir, dataset, device, teacher)
+        write_results(cfg, results, out_dir, dataset, run, teacher)
 
 
 if __name__ == "__main__":
