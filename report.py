@@ -376,20 +376,25 @@ def device_name(device):
     return f"{platform.processor() or platform.machine()}, {all_cores()} cores"
 
 
+def commit_text(commit, dirty):
+    """A commit for results.md: `commit 0123456789ab`, with a note of uncommitted changes."""
+    if commit is None:
+        return "no known commit (not a git checkout, or trained before checkpoints named it)"
+    return f"commit `{commit[:12]}`" + (" with uncommitted changes" if dirty else "")
+
+
 def run_markdown(run):
-    commit = (
-        "not a git checkout"
-        if run["git_commit"] is None
-        else (f"commit `{run['git_commit'][:12]}`" + (" with uncommitted changes" if run["git_dirty"] else ""))
-    )
+    commit = "not a git checkout" if run["git_commit"] is None else commit_text(run["git_commit"], run["git_dirty"])
     return (
         f"Seed {run['seed']}, {commit}, torch {run['torch']}, {run['device']} ({run['device_name']}), "
         f"bf16 {'on' if run['bf16'] else 'off'}.\n"
     )
 
 
-def run_info(seed, device, bf16):
-    commit, dirty = git_commit()
+def run_info(seed, device, bf16, code=None):
+    """The run's provenance; `code` is git_commit()'s answer when the run
+    started (read now when None)."""
+    commit, dirty = git_commit() if code is None else code
     return {
         "seed": seed,
         "git_commit": commit,

@@ -35,6 +35,9 @@ import report
 import runtime
 
 STAGES = config.STAGE_NAMES
+# The code that trains: its commit as this process starts, recorded with the
+# run and with each stage it trains (a commit made while it trains is not its code).
+GIT_COMMIT, GIT_DIRTY = report.git_commit()
 
 # ---------------------------------------------------------------- distributed (torchrun)
 # torchrun starts one process per GPU (on one or several machines) and tells
@@ -476,6 +479,8 @@ def finish_stage(stage, progress):
         "tta": cfg["TTA"],
         "method": cfg["METHOD"] if stage.name == "distilled" else "cross-entropy",
         "data": data.origin(dataset.source),
+        "git_commit": GIT_COMMIT,
+        "git_dirty": GIT_DIRTY,
     }
     checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics,
                     stage.teacher_digest)  # fmt: skip
@@ -709,6 +714,19 @@ def data_sources(rows):
     return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
 
 
+def earlier_code(rows, run):
+    """For results.md: the stages kept from runs of other code than this run's
+    (their checkpoints name the commit that trained them), or ""."""
+    this = (run["git_commit"], run["git_dirty"])
+    older = {stage: m for stage, m in rows.items() if m["method"] != "brought"
+             and (m.get("git_commit"), m.get("git_dirty")) != this}  # fmt: skip
+    if not older:
+        return ""
+    trained = [f"{stage} trained at {report.commit_text(m.get('git_commit'), m.get('git_dirty'))}"
+               for stage, m in older.items()]  # fmt: skip
+    return f"kept from earlier code: {'; '.join(trained)}\n"
+
+
 def brought_teacher(cfg, dataset, device):
     """The teacher of --teacher-checkpoint, its file's digest and its metrics
     (test accuracy measured here), or a one-line error for a file that is not
@@ -737,19 +755,20 @@ def write_results(cfg, results, out_dir, dataset, run, teacher):
     gain, the compression report, the curves and `run` (report.run_info)."""
     rows = {stage: results[stage] for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
+    sources = data_sources(rows) + earlier_code(rows, run)
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
-          f"{data_sources(rows)}")  # fmt: skip
+          f"{sources}")  # fmt: skip
     summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows), "run": run}
     brought = cfg["TEACHER_CHECKPOINT"]
     files = {stage: Path(brought) if stage == "teacher" and brought else out_dir / f"{stage}.pt" for stage in rows}
-    report.write_results(out_dir, cfg["DATASET"], f"{table}\n{data_sources(rows)}", summary, files,
+    report.write_results(out_dir, cfg["DATASET"], f"{table}\n{sources}", summary, files,
                          dataset.in_channels, dataset.image_size, {"teacher": teacher} if brought else {})  # fmt: skip
 
 
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0])
     device, out_dir = set_up(cfg)
-    run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1])  # the code as it starts
+    run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], (GIT_COMMIT, GIT_DIRTY))
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
     results = {stage: saved["metrics"] for stage, saved in finished.items()}

@@ -183,10 +183,20 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
     assert "## Compression" in markdown and "Student / teacher: checkpoint" in markdown
     assert "![training curves](curves.png)" in markdown and "Seed 3" in markdown
 
+    for stage in STAGES:  # each stage names the code that trained it, the run's
+        assert (results["stages"][stage]["git_commit"], results["stages"][stage]["git_dirty"]) == (
+            run["git_commit"], run["git_dirty"])  # fmt: skip
+    assert "kept from earlier code" not in markdown
+
     (folder / "curves.png").unlink()  # a run that trains nothing still draws the stages it skipped
+    saved = torch.load(folder / "student.pt", weights_only=True)  # as if older code had trained the student
+    saved["metrics"].update(git_commit="0123456789abcdef" * 2 + "01234567", git_dirty=True)
+    torch.save(saved, folder / "student.pt")
     again = run_script("train.py", *args, "--stages", "student")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "skipping" in again.stdout and png_size(folder / "curves.png") == (1000, 400)
+    line = "kept from earlier code: student trained at commit `0123456789ab` with uncommitted changes"
+    assert line in again.stdout and line in (folder / "results.md").read_text()
 
 
 def test_a_failed_export_still_writes_the_results(tmp_path, monkeypatch, capsys):
