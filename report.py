@@ -379,7 +379,7 @@ def device_name(device):
 def commit_text(commit, dirty):
     """A commit for results.md: `commit 0123456789ab`, with a note of uncommitted changes."""
     if commit is None:
-        return "no known commit (not a git checkout, or trained before checkpoints named it)"
+        return "an unknown commit"
     return f"commit `{commit[:12]}`" + (" with uncommitted changes" if dirty else "")
 
 
@@ -391,10 +391,10 @@ def run_markdown(run):
     )
 
 
-def run_info(seed, device, bf16, code=None):
-    """The run's provenance; `code` is git_commit()'s answer when the run
-    started (read now when None)."""
-    commit, dirty = git_commit() if code is None else code
+def run_info(seed, device, bf16, git=None):
+    """The run's provenance; `git` is git_commit()'s answer as the run started
+    (train.py reads it first thing), read now when None."""
+    commit, dirty = git_commit() if git is None else git
     return {
         "seed": seed,
         "git_commit": commit,

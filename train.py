@@ -714,17 +714,12 @@ def data_sources(rows):
     return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
 
 
-def earlier_code(rows, run):
-    """For results.md: the stages kept from runs of other code than this run's
-    (their checkpoints name the commit that trained them), or ""."""
-    this = (run["git_commit"], run["git_dirty"])
-    older = {stage: m for stage, m in rows.items() if m["method"] != "brought"
-             and (m.get("git_commit"), m.get("git_dirty")) != this}  # fmt: skip
-    if not older:
-        return ""
-    trained = [f"{stage} trained at {report.commit_text(m.get('git_commit'), m.get('git_dirty'))}"
-               for stage, m in older.items()]  # fmt: skip
-    return f"kept from earlier code: {'; '.join(trained)}\n"
+def kept_stages(rows):
+    """For results.md: the stages kept from earlier runs, each with the commit
+    that trained it (which may not be this run's code), or ""."""
+    kept = [f"{stage} (trained at {report.commit_text(m['git_commit'], m['git_dirty'])})"
+            for stage, m in rows.items() if m["kept"]]  # fmt: skip
+    return f"kept from earlier runs: {', '.join(kept)}\n" if kept else ""
 
 
 def brought_teacher(cfg, dataset, device):
@@ -746,16 +741,17 @@ def brought_teacher(cfg, dataset, device):
     metrics = {"model": cfg["TEACHER"], "params": params, "test_acc": test_acc, "test_top5": test_top5,
                "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None,
                "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1), "device": str(device),
-               "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path)}  # fmt: skip
+               "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path),
+               "git_commit": None, "git_dirty": None}  # fmt: skip
     return model, checkpoint.file_digest(path), metrics
 
 
 def write_results(cfg, results, out_dir, dataset, run, teacher):
     """results.md and results.json: the stages side by side, the distillation's
     gain, the compression report, the curves and `run` (report.run_info)."""
-    rows = {stage: results[stage] for stage in STAGES if stage in results}
+    rows = {stage: {"kept": False, **results[stage]} for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
-    sources = data_sources(rows) + earlier_code(rows, run)
+    sources = data_sources(rows) + kept_stages(rows)
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
           f"{sources}")  # fmt: skip
     summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows), "run": run}
@@ -771,7 +767,9 @@ def main(argv=None):
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], (GIT_COMMIT, GIT_DIRTY))
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
-    results = {stage: saved["metrics"] for stage, saved in finished.items()}
+    unknown_code = {"git_commit": None, "git_dirty": None}  # stages saved before checkpoints named their commit
+    results = {stage: {**unknown_code, **saved["metrics"], "kept": True} for stage, saved in finished.items()}
+    # the stages this run trains (or the teacher it brings) get "kept": False in write_results
     teacher = digest = None
     if cfg["TEACHER_CHECKPOINT"]:
         teacher, digest, results["teacher"] = brought_teacher(cfg, dataset, device)

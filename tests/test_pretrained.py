@@ -196,6 +196,7 @@ def test_a_brought_teacher_is_measured_then_distilled_from(tiny_cifar, tmp_path,
     results = json.loads((folder / "results.json").read_text())
     teacher = results["stages"]["teacher"]
     assert teacher["checkpoint"] == str(path) and teacher["train_seconds"] is None
+    assert not teacher["kept"] and teacher["git_commit"] is None and "kept from earlier runs" not in result.stdout
     assert set(results["compression"]["rows"]) == {"teacher", "distilled"}
     assert "| teacher | resnet8 |" in (folder / "results.md").read_text()
 

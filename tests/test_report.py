@@ -184,19 +184,28 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
     assert "![training curves](curves.png)" in markdown and "Seed 3" in markdown
 
     for stage in STAGES:  # each stage names the code that trained it, the run's
-        assert (results["stages"][stage]["git_commit"], results["stages"][stage]["git_dirty"]) == (
-            run["git_commit"], run["git_dirty"])  # fmt: skip
-    assert "kept from earlier code" not in markdown
+        row = results["stages"][stage]
+        assert (row["git_commit"], row["git_dirty"], row["kept"]) == (run["git_commit"], run["git_dirty"], False)
+    assert "kept from earlier runs" not in markdown
 
     (folder / "curves.png").unlink()  # a run that trains nothing still draws the stages it skipped
-    saved = torch.load(folder / "student.pt", weights_only=True)  # as if older code had trained the student
-    saved["metrics"].update(git_commit="0123456789abcdef" * 2 + "01234567", git_dirty=True)
-    torch.save(saved, folder / "student.pt")
+    for stage, metrics in (
+        ("student", {"git_commit": "0123456789abcdef" * 2 + "01234567", "git_dirty": True}),
+        ("teacher", {}),
+    ):  # as if other code had trained the student, and code too old to say the teacher
+        saved = torch.load(folder / f"{stage}.pt", weights_only=True)
+        saved["metrics"] = {k: v for k, v in saved["metrics"].items() if not k.startswith("git_")} | metrics
+        torch.save(saved, folder / f"{stage}.pt")
     again = run_script("train.py", *args, "--stages", "student")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "skipping" in again.stdout and png_size(folder / "curves.png") == (1000, 400)
-    line = "kept from earlier code: student trained at commit `0123456789ab` with uncommitted changes"
+    line = (
+        "kept from earlier runs: teacher (trained at an unknown commit), student (trained at commit "
+        "`0123456789ab` with uncommitted changes)"
+    )  # the distilled stage's teacher file changed: left out
     assert line in again.stdout and line in (folder / "results.md").read_text()
+    rows = json.loads((folder / "results.json").read_text())["stages"]
+    assert rows["teacher"]["kept"] and rows["teacher"]["git_commit"] is None and "distilled" not in rows
 
 
 def test_a_failed_export_still_writes_the_results(tmp_path, monkeypatch, capsys):
