@@ -724,14 +724,17 @@ def kept_stages(rows):
 
 def brought_teacher(cfg, dataset, device):
     """The teacher of --teacher-checkpoint, its file's digest and its metrics
-    (test accuracy measured here), or a one-line error for a file that is not
-    a teacher checkpoint or whose weights do not fit --teacher."""
+    (test accuracy measured here, by the master process alone: the others get
+    None), or a one-line error for a file that is not a teacher checkpoint or
+    whose weights do not fit --teacher."""
     path = cfg["TEACHER_CHECKPOINT"]
     try:
         model, kind = pretrained.load_teacher(path, cfg["TEACHER"], dataset.classes, dataset.in_channels)
     except ValueError as error:
         raise TrainingError(f"argument --teacher-checkpoint: {path}: {error}", exit_code=2) from None
     model = model.to(device, memory_format=torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format)
+    if not master_process:  # only the master reports; the others need the network and its digest
+        return model, checkpoint.file_digest(path), None
     test_acc, test_top5 = evaluate(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std, cfg["TTA"],
                                    cfg["CHANNELS_LAST"])  # fmt: skip
     latency_ms, throughput = runtime.cpu_speed(model, dataset.in_channels, dataset.image_size)
