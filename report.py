@@ -391,10 +391,10 @@ def run_markdown(run):
     )
 
 
-def run_info(seed, device, bf16, git=None):
+def run_info(seed, device, bf16, git):
     """The run's provenance; `git` is git_commit()'s answer as the run started
-    (train.py reads it first thing), read now when None."""
-    commit, dirty = git_commit() if git is None else git
+    (train.py reads it first thing, so that a commit made while it trains is not its code)."""
+    commit, dirty = git
     return {
         "seed": seed,
         "git_commit": commit,

@@ -150,8 +150,9 @@ def test_outside_a_git_checkout_there_is_no_commit(monkeypatch):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    assert report.git_commit() == (None, None)
-    assert "not a git checkout" in report.run_markdown(report.run_info(3, torch.device("cpu"), False))
+    git = report.git_commit()
+    assert git == (None, None)
+    assert "not a git checkout" in report.run_markdown(report.run_info(3, torch.device("cpu"), False, git))
 
 
 def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path):
@@ -217,7 +218,7 @@ def test_a_failed_export_still_writes_the_results(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(report.export, "write_onnx", unsupported)
     stages = {"student": {"model": "airnet_xs", "test_acc": 0.5}}
-    summary = {"stages": stages, "run": report.run_info(0, torch.device("cpu"), False)}
+    summary = {"stages": stages, "run": report.run_info(0, torch.device("cpu"), False, (None, None))}
     model = models.build("airnet_xs", 10)
     report.write_results(tmp_path, "cifar10", "| table |\n", summary, {"student": tmp_path / "student.pt"}, 3, 32,
                          {"student": model})  # fmt: skip
