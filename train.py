@@ -439,6 +439,8 @@ def end_epoch(stage, progress, sums, bar):
         "lr": stage.scheduler.get_last_lr()[0],
         "images": sums.seen,
         "seconds": round(sums.seconds, 2),
+        "git_commit": GIT_COMMIT,  # a resumed stage may have epochs from other code
+        "git_dirty": GIT_DIRTY,
     }
     progress.log.append(record)
     if master_process:
@@ -481,6 +483,7 @@ def finish_stage(stage, progress):
         "data": data.origin(dataset.source),
         "git_commit": GIT_COMMIT,
         "git_dirty": GIT_DIRTY,
+        "earlier_code": earlier_code(progress.log),
     }
     checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics,
                     stage.teacher_digest)  # fmt: skip
@@ -492,6 +495,21 @@ def finish_stage(stage, progress):
     if ddp:
         torch.distributed.barrier()
     return metrics
+
+
+def earlier_code(log):
+    """The epochs of a resumed stage that code other than this run's trained:
+    runs of consecutive epochs, each with its commit (None for epochs logged
+    before records named one)."""
+    runs = []
+    for record in log:
+        code = {"git_commit": record.get("git_commit"), "git_dirty": record.get("git_dirty")}
+        if runs and runs[-1]["code"] == code:
+            runs[-1]["last_epoch"] = record["epoch"]
+        else:
+            runs.append({"code": code, "first_epoch": record["epoch"], "last_epoch": record["epoch"]})
+    this_run = {"git_commit": GIT_COMMIT, "git_dirty": GIT_DIRTY}
+    return [{**run.pop("code"), **run} for run in runs if run["code"] != this_run]
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -714,12 +732,17 @@ def data_sources(rows):
     return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
 
 
-def kept_stages(rows):
+def stages_code(rows):
     """For results.md: the stages kept from earlier runs, each with the commit
-    that trained it (which may not be this run's code), or ""."""
-    kept = [f"{stage} (trained at {report.commit_text(m['git_commit'], m['git_dirty'])})"
-            for stage, m in rows.items() if m["kept"]]  # fmt: skip
-    return f"kept from earlier runs: {', '.join(kept)}\n" if kept else ""
+    that trained it (which may not be this run's code), and the epochs of
+    resumed stages that other code trained; or ""."""
+    code = report.commit_text
+    kept = [f"{stage} (trained at {code(m['git_commit'], m['git_dirty'])})" for stage, m in rows.items() if m["kept"]]
+    resumed = [f"{stage} (epochs {r['first_epoch']}-{r['last_epoch']} at {code(r['git_commit'], r['git_dirty'])})"
+               for stage, m in rows.items() for r in m.get("earlier_code", [])]  # fmt: skip
+    return (f"kept from earlier runs: {', '.join(kept)}\n" if kept else "") + (
+        f"resumed, with epochs trained by other code: {', '.join(resumed)}\n" if resumed else ""
+    )
 
 
 def brought_teacher(cfg, dataset, device):
@@ -754,7 +777,7 @@ def write_results(cfg, results, out_dir, dataset, run, teacher):
     gain, the compression report, the curves and `run` (report.run_info)."""
     rows = {stage: {"kept": False, **results[stage]} for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
-    sources = data_sources(rows) + kept_stages(rows)
+    sources = data_sources(rows) + stages_code(rows)
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
           f"{sources}")  # fmt: skip
     summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows), "run": run}

@@ -1,5 +1,6 @@
 """Interruption, resume, divergence and atomic writes, run as a user would."""
 
+import json
 import os
 import signal
 import subprocess
@@ -82,6 +83,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     assert not (out / "cifar10" / "teacher.pt").exists(), "the stage finished before it could be killed"
     saved = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
     assert 1 < saved["progress"]["epoch"] <= 12
+    done = saved["progress"]["epoch"] - 1
+    for record in saved["progress"]["log"]:  # as if other code had trained the epochs done so far
+        record.update(git_commit="f" * 40, git_dirty=False)
+    torch.save(saved, out / "cifar10" / "teacher.last.pt")
 
     again = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW)
     assert_one_line_error(again, "teacher.last.pt", "--resume", code=2)  # not silently overwritten
@@ -93,6 +98,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
     log = (out / "cifar10" / "teacher.jsonl").read_text().splitlines()
     assert len(log) == 12
+    metrics = checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]
+    assert metrics["earlier_code"] == [{"git_commit": "f" * 40, "git_dirty": False, "first_epoch": 1,
+                                        "last_epoch": done}]  # fmt: skip
+    assert [json.loads(line)["git_commit"] for line in log[done:]] == [metrics["git_commit"]] * (12 - done)
+    line = f"resumed, with epochs trained by other code: teacher (epochs 1-{done} at commit `ffffffffffff`)"
+    assert line in resumed.stdout and line in (out / "cifar10" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
