@@ -38,6 +38,7 @@ STAGES = config.STAGE_NAMES
 # The code that trains: its commit as this process starts, recorded with the
 # run and with each stage it trains (a commit made while it trains is not its code).
 GIT_COMMIT, GIT_DIRTY = report.git_commit()
+THIS_CODE = {"git_commit": GIT_COMMIT, "git_dirty": GIT_DIRTY}
 
 # ---------------------------------------------------------------- distributed (torchrun)
 # torchrun starts one process per GPU (on one or several machines) and tells
@@ -250,6 +251,7 @@ class EpochSums:
     first_bad: torch.Tensor  # the first step whose loss was not finite; -1 while there is none
     seen: int = 0
     seconds: float = 0.0
+    code: dict | None = None  # the commit of the run that began the epoch (None: saved before sums named it)
 
     def add(self, step, loss, logits, labels):
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
@@ -359,6 +361,7 @@ def start_epoch(stage, progress):
         torch.zeros((), device=device),
         torch.zeros((), dtype=torch.int64, device=device),
         torch.full((), -1, device=device),
+        code=THIS_CODE,
     )
 
 
@@ -439,9 +442,10 @@ def end_epoch(stage, progress, sums, bar):
         "lr": stage.scheduler.get_last_lr()[0],
         "images": sums.seen,
         "seconds": round(sums.seconds, 2),
-        "git_commit": GIT_COMMIT,  # a resumed stage may have epochs from other code
-        "git_dirty": GIT_DIRTY,
+        **THIS_CODE,  # a resumed stage may have epochs from other code
     }
+    if sums.code != THIS_CODE:  # stopped part-way by other code, and resumed by this
+        record["begun_by"] = sums.code
     progress.log.append(record)
     if master_process:
         checkpoint.write_text(stage.path(".jsonl"), "".join(json.dumps(r) + "\n" for r in progress.log))
@@ -481,8 +485,7 @@ def finish_stage(stage, progress):
         "tta": cfg["TTA"],
         "method": cfg["METHOD"] if stage.name == "distilled" else "cross-entropy",
         "data": data.origin(dataset.source),
-        "git_commit": GIT_COMMIT,
-        "git_dirty": GIT_DIRTY,
+        **THIS_CODE,
         "earlier_code": earlier_code(progress.log),
     }
     checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics,
@@ -498,18 +501,23 @@ def finish_stage(stage, progress):
 
 
 def earlier_code(log):
-    """The epochs of a resumed stage that code other than this run's trained:
-    runs of consecutive epochs, each with its commit (None for epochs logged
-    before records named one)."""
-    runs = []
+    """Runs of consecutive epochs of a resumed stage trained by code other than
+    this run's, as [{git_commit, git_dirty, first_epoch, last_epoch}]. An epoch
+    stopped part-way counts for the code on either side of the stop. Records
+    logged before they named their code count as commit None; two runs of the
+    same commit with different uncommitted changes cannot be told apart."""
+    epochs = []  # (epoch, code), in training order
     for record in log:
-        code = {"git_commit": record.get("git_commit"), "git_dirty": record.get("git_dirty")}
-        if runs and runs[-1]["code"] == code:
-            runs[-1]["last_epoch"] = record["epoch"]
+        if "begun_by" in record:
+            epochs.append((record["epoch"], record["begun_by"] or {"git_commit": None, "git_dirty": None}))
+        epochs.append((record["epoch"], {"git_commit": record.get("git_commit"), "git_dirty": record.get("git_dirty")}))
+    runs = []
+    for epoch, code in epochs:
+        if runs and runs[-1][0] == code:
+            runs[-1][2] = epoch
         else:
-            runs.append({"code": code, "first_epoch": record["epoch"], "last_epoch": record["epoch"]})
-    this_run = {"git_commit": GIT_COMMIT, "git_dirty": GIT_DIRTY}
-    return [{**run.pop("code"), **run} for run in runs if run["code"] != this_run]
+            runs.append([code, epoch, epoch])
+    return [{**code, "first_epoch": first, "last_epoch": last} for code, first, last in runs if code != THIS_CODE]
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -732,16 +740,21 @@ def data_sources(rows):
     return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
 
 
-def stages_code(rows):
+def provenance_lines(rows):
     """For results.md: the stages kept from earlier runs, each with the commit
-    that trained it (which may not be this run's code), and the epochs of
-    resumed stages that other code trained; or ""."""
-    code = report.commit_text
-    kept = [f"{stage} (trained at {code(m['git_commit'], m['git_dirty'])})" for stage, m in rows.items() if m["kept"]]
-    resumed = [f"{stage} (epochs {r['first_epoch']}-{r['last_epoch']} at {code(r['git_commit'], r['git_dirty'])})"
-               for stage, m in rows.items() for r in m.get("earlier_code", [])]  # fmt: skip
+    that trained it (which may not be this run's code), and the stages resumed
+    under other code than the code that finished them; or ""."""
+
+    def code(m):
+        return report.commit_text(m["git_commit"], m["git_dirty"])
+
+    def epochs(m):
+        return ", ".join(f"{r['first_epoch']}-{r['last_epoch']} at {code(r)}" for r in m["earlier_code"])
+
+    kept = [f"{stage} (trained at {code(m)})" for stage, m in rows.items() if m["kept"]]
+    resumed = [f"{stage} (epochs {epochs(m)}, the rest at {code(m)})" for stage, m in rows.items() if m["earlier_code"]]
     return (f"kept from earlier runs: {', '.join(kept)}\n" if kept else "") + (
-        f"resumed, with epochs trained by other code: {', '.join(resumed)}\n" if resumed else ""
+        f"resumed under other code: {', '.join(resumed)}\n" if resumed else ""
     )
 
 
@@ -768,7 +781,7 @@ def brought_teacher(cfg, dataset, device):
                "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None,
                "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1), "device": str(device),
                "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path),
-               "git_commit": None, "git_dirty": None}  # fmt: skip
+               "git_commit": None, "git_dirty": None, "earlier_code": None}  # fmt: skip
     return model, checkpoint.file_digest(path), metrics
 
 
@@ -777,7 +790,7 @@ def write_results(cfg, results, out_dir, dataset, run, teacher):
     gain, the compression report, the curves and `run` (report.run_info)."""
     rows = {stage: {"kept": False, **results[stage]} for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
-    sources = data_sources(rows) + stages_code(rows)
+    sources = data_sources(rows) + provenance_lines(rows)
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
           f"{sources}")  # fmt: skip
     summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows), "run": run}
@@ -793,7 +806,7 @@ def main(argv=None):
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], (GIT_COMMIT, GIT_DIRTY))
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
-    unknown_code = {"git_commit": None, "git_dirty": None}  # stages saved before checkpoints named their commit
+    unknown_code = {"git_commit": None, "git_dirty": None, "earlier_code": None}  # saved before metrics named them
     results = {stage: {**unknown_code, **saved["metrics"], "kept": True} for stage, saved in finished.items()}
     # the stages this run trains (or the teacher it brings) get "kept": False in write_results
     teacher = digest = None

@@ -187,15 +187,17 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
     for stage in STAGES:  # each stage names the code that trained it, the run's
         row = results["stages"][stage]
         assert (row["git_commit"], row["git_dirty"], row["kept"]) == (run["git_commit"], run["git_dirty"], False)
+        assert row["earlier_code"] == []
     assert "kept from earlier runs" not in markdown
 
     (folder / "curves.png").unlink()  # a run that trains nothing still draws the stages it skipped
+    train_code = ("git_commit", "git_dirty", "earlier_code")  # what metrics say of the code that trained a stage
     for stage, metrics in (
         ("student", {"git_commit": "0123456789abcdef" * 2 + "01234567", "git_dirty": True}),
         ("teacher", {}),
     ):  # as if other code had trained the student, and code too old to say the teacher
         saved = torch.load(folder / f"{stage}.pt", weights_only=True)
-        saved["metrics"] = {k: v for k, v in saved["metrics"].items() if not k.startswith("git_")} | metrics
+        saved["metrics"] = {k: v for k, v in saved["metrics"].items() if k not in train_code} | metrics
         torch.save(saved, folder / f"{stage}.pt")
     again = run_script("train.py", *args, "--stages", "student")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -207,6 +209,7 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
     assert line in again.stdout and line in (folder / "results.md").read_text()
     rows = json.loads((folder / "results.json").read_text())["stages"]
     assert rows["teacher"]["kept"] and rows["teacher"]["git_commit"] is None and "distilled" not in rows
+    assert rows["teacher"]["earlier_code"] is None and "resumed under other code" not in again.stdout
 
 
 def test_a_failed_export_still_writes_the_results(tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 import models
+import report
 from conftest import FAST, ROOT, assert_one_line_error, run_script, write_cifar10
 
 # enough epochs on tiny data that a stage is still running when the first .last.pt appears
@@ -101,8 +102,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     metrics = checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]
     assert metrics["earlier_code"] == [{"git_commit": "f" * 40, "git_dirty": False, "first_epoch": 1,
                                         "last_epoch": done}]  # fmt: skip
-    assert [json.loads(line)["git_commit"] for line in log[done:]] == [metrics["git_commit"]] * (12 - done)
-    line = f"resumed, with epochs trained by other code: teacher (epochs 1-{done} at commit `ffffffffffff`)"
+    commits = [json.loads(line)["git_commit"] for line in log]
+    assert commits == ["f" * 40] * done + [metrics["git_commit"]] * (12 - done)
+    line = (f"resumed under other code: teacher (epochs 1-{done} at commit `ffffffffffff`, the rest at "
+            f"{report.commit_text(metrics['git_commit'], metrics['git_dirty'])})")  # fmt: skip
     assert line in resumed.stdout and line in (out / "cifar10" / "results.md").read_text()
 
 
@@ -117,9 +120,19 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
     assert "Traceback" not in stderr and "--resume" in stderr
     state = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
     assert state["stage"] == "teacher" and state["progress"]["epoch"] >= 1
+    done, mid_epoch = state["progress"]["epoch"] - 1, state["progress"]["sums"] is not None
+    for record in state["progress"]["log"]:  # as if logged by code too old to name itself
+        del record["git_commit"], record["git_dirty"]
+    if mid_epoch:  # and the epoch in progress begun by other code
+        state["progress"]["sums"]["code"] = {"git_commit": "e" * 40, "git_dirty": True}
+    torch.save(state, out / "cifar10" / "teacher.last.pt")
     resumed = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]["epochs"] == 12
+    metrics = checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]
+    assert metrics["epochs"] == 12
+    unknown = [{"git_commit": None, "git_dirty": None, "first_epoch": 1, "last_epoch": done}] if done else []
+    begun = [{"git_commit": "e" * 40, "git_dirty": True, "first_epoch": done + 1, "last_epoch": done + 1}]
+    assert metrics["earlier_code"] == unknown + (begun if mid_epoch else [])
     # usually stopped mid-epoch: the saved order, running sums and generator state carry the run on exactly
     assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
 
