@@ -39,6 +39,7 @@ STAGES = config.STAGE_NAMES
 # run and with each stage it trains (a commit made while it trains is not its code).
 GIT_COMMIT, GIT_DIRTY = report.git_commit()
 THIS_CODE = {"git_commit": GIT_COMMIT, "git_dirty": GIT_DIRTY}
+UNKNOWN_CODE = {"git_commit": None, "git_dirty": None}  # outside a checkout, or saved before records named it
 
 # ---------------------------------------------------------------- distributed (torchrun)
 # torchrun starts one process per GPU (on one or several machines) and tells
@@ -509,8 +510,8 @@ def earlier_code(log):
     epochs = []  # (epoch, code), in training order
     for record in log:
         if "begun_by" in record:
-            epochs.append((record["epoch"], record["begun_by"] or {"git_commit": None, "git_dirty": None}))
-        epochs.append((record["epoch"], {"git_commit": record.get("git_commit"), "git_dirty": record.get("git_dirty")}))
+            epochs.append((record["epoch"], record["begun_by"] or UNKNOWN_CODE))
+        epochs.append((record["epoch"], {key: record.get(key) for key in UNKNOWN_CODE}))
     runs = []
     for epoch, code in epochs:
         if runs and runs[-1][0] == code:
@@ -781,7 +782,7 @@ def brought_teacher(cfg, dataset, device):
                "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None,
                "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1), "device": str(device),
                "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path),
-               "git_commit": None, "git_dirty": None, "earlier_code": None}  # fmt: skip
+               **UNKNOWN_CODE, "earlier_code": None}  # fmt: skip
     return model, checkpoint.file_digest(path), metrics
 
 
@@ -806,7 +807,7 @@ def main(argv=None):
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], (GIT_COMMIT, GIT_DIRTY))
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
-    unknown_code = {"git_commit": None, "git_dirty": None, "earlier_code": None}  # saved before metrics named them
+    unknown_code = {**UNKNOWN_CODE, "earlier_code": None}  # for checkpoints saved before metrics named their code
     results = {stage: {**unknown_code, **saved["metrics"], "kept": True} for stage, saved in finished.items()}
     # the stages this run trains (or the teacher it brings) get "kept": False in write_results
     teacher = digest = None
