@@ -786,10 +786,11 @@ def brought_teacher(cfg, dataset, device):
     return model, checkpoint.file_digest(path), metrics
 
 
-def write_results(cfg, results, out_dir, dataset, run, teacher):
-    """results.md and results.json: the stages side by side, the distillation's
-    gain, the compression report, the curves and `run` (report.run_info)."""
-    rows = {stage: {"kept": False, **results[stage]} for stage in STAGES if stage in results}
+def write_results(cfg, results, kept, out_dir, dataset, run, teacher):
+    """results.md and results.json: the stages side by side (`kept`: those
+    reused from earlier runs), the distillation's gain, the compression report,
+    the curves and `run` (report.run_info)."""
+    rows = {stage: {**results[stage], "kept": stage in kept} for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
     sources = data_sources(rows) + provenance_lines(rows)
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
@@ -808,8 +809,7 @@ def main(argv=None):
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
     unknown_code = {**UNKNOWN_CODE, "earlier_code": None}  # for checkpoints saved before metrics named their code
-    results = {stage: {**unknown_code, **saved["metrics"], "kept": True} for stage, saved in finished.items()}
-    # the stages this run trains (or the teacher it brings) get "kept": False in write_results
+    results = {stage: {**unknown_code, **saved["metrics"]} for stage, saved in finished.items()}
     teacher = digest = None
     if cfg["TEACHER_CHECKPOINT"]:
         teacher, digest, results["teacher"] = brought_teacher(cfg, dataset, device)
@@ -830,7 +830,7 @@ def main(argv=None):
             report.draw_curves(out_dir, [s for s in STAGES if s in results])
     if master_process:
         report.draw_curves(out_dir, [s for s in STAGES if s in results])
-        write_results(cfg, results, out_dir, dataset, run, teacher)
+        write_results(cfg, results, finished, out_dir, dataset, run, teacher)
 
 
 if __name__ == "__main__":
