@@ -159,12 +159,21 @@ def latency_markdown(figures):
 # ---------------------------------------------------------------- the compression report
 
 
+def report_speed(module, in_channels, image_size, engine, onnx_path=None):
+    """How the compression report times a network in `engine`: batch-1 latency
+    with one thread, batch-256 throughput with all cores."""
+    return {
+        **speed(module, in_channels, image_size, engine, 1, onnx_path, batch256=False),
+        **speed(module, in_channels, image_size, engine, all_cores(), onnx_path, batch1=False),
+    }
+
+
 def compression(networks, in_channels, image_size):
     """The compression report of a run. networks: {stage: (model name, model,
     checkpoint path, test accuracy)}. Each architecture is exported and timed
-    once (the student and the distilled student are one network): batch-1
-    latency with one thread, batch-256 throughput with all cores, in ONNX
-    Runtime."""
+    once (the student and the distilled student are one network, and their
+    speeds must not differ by the machine's noise), in ONNX Runtime and in
+    PyTorch (under "pytorch")."""
     rows, measured = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for stage, (name, model, path, test_acc) in tqdm(
@@ -178,8 +187,8 @@ def compression(networks, in_channels, image_size):
                 )
                 measured[name] = {
                     "macs": macs_per_image(model, in_channels, image_size),
-                    **speed(module, in_channels, image_size, "onnxruntime", 1, onnx_path, batch256=False),
-                    **speed(module, in_channels, image_size, "onnxruntime", all_cores(), onnx_path, batch1=False),
+                    **report_speed(module, in_channels, image_size, "onnxruntime", onnx_path),
+                    "pytorch": report_speed(module, in_channels, image_size, "eager"),
                 }
             rows[stage] = {
                 "model": name,
@@ -223,16 +232,19 @@ def size_text(size):
 
 def compression_markdown(report):
     """The report as a markdown table and its last line."""
+    threads = report["throughput_threads"]
     lines = [
-        f"| stage | model | params | MACs per image | checkpoint | test accuracy | latency, batch 1, 1 thread "
-        f"(median / p90) | throughput, batch 256, {report['throughput_threads']} threads |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| stage | model | params | MACs per image | checkpoint | test accuracy | ONNX Runtime latency, batch 1, "
+        f"1 thread (median / p90) | in PyTorch | ONNX Runtime throughput, batch 256, {threads} threads | in PyTorch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for stage, row in report["rows"].items():
+        eager = row["pytorch"]
         lines.append(
             f"| {stage} | {row['model']} | {row['params']:,} | {row['macs'] / 1e6:,.2f} M "
             f"| {size_text(row['checkpoint_bytes'])} | {row['test_acc']:.2%} "
-            f"| {row['latency_ms']:.3f} / {row['latency_p90_ms']:.3f} ms | {row['throughput']:,.0f} img/s |"
+            f"| {row['latency_ms']:.3f} / {row['latency_p90_ms']:.3f} ms | {eager['latency_ms']:.3f} / "
+            f"{eager['latency_p90_ms']:.3f} ms | {row['throughput']:,.0f} img/s | {eager['throughput']:,.0f} img/s |"
         )
     r = report["student_vs_teacher"]
     text = "\n".join(lines) + "\n"
@@ -253,8 +265,8 @@ def compression_markdown(report):
             text += f", distillation wins back {won:.2f}" if won >= 0 else f", distillation loses {-won:.2f} more"
         text += ".\n"
     return text + (
-        f"\n{report['engine']}, the exported network without TTA (uint8 in, probabilities out), "
-        f"{report['throughput_threads']} CPU cores.\n"
+        f"\n{report['engine']} and PyTorch {torch.__version__} (eager, float32), the network as exported, without "
+        f"TTA (uint8 in, probabilities out), {threads} CPU cores.\n"
     )
 
 

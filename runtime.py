@@ -1,9 +1,7 @@
-"""Where the work runs and how fast: the device, bf16 autocast, deterministic
-kernels, and the CPU inference speed that the results table reports."""
+"""Where the work runs and in what precision: the device, bf16 autocast and
+deterministic kernels."""
 
-import copy
 import os
-import time
 
 import torch
 
@@ -39,28 +37,3 @@ def make_deterministic():
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-
-
-def _median_seconds(run, repeats):
-    """Median wall time of `repeats` calls of `run`: robust to the odd slow call."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def cpu_speed(model, in_channels, image_size):
-    """Inference speed on the CPU in float32, whatever device trained the model:
-    median latency at batch 1 (ms) and throughput at batch 256 (images/s)."""
-    model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.channels_last)
-    single = torch.randn(1, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    batch = torch.randn(256, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for _ in range(5):
-            model(single)
-        latency_ms = _median_seconds(lambda: model(single), 30) * 1000
-        model(batch)
-        throughput = 256 / _median_seconds(lambda: model(batch), 3)
-    return latency_ms, throughput

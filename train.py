@@ -462,7 +462,7 @@ def end_epoch(stage, progress, sums, bar):
 
 
 def finish_stage(stage, progress):
-    """Test the best epoch's weights, measure their speed and save the checkpoint."""
+    """Test the best epoch's weights and save the checkpoint."""
     train_seconds = progress.seconds()
     if not master_process:  # the master tests, measures and saves the model; the others wait until it has
         torch.distributed.barrier()
@@ -470,7 +470,6 @@ def finish_stage(stage, progress):
     model, dataset, cfg = stage.model, stage.dataset, stage.cfg
     model.load_state_dict(progress.best["state"])
     test_acc, test_top5 = stage.evaluate(dataset.test_x, dataset.test_y)
-    latency_ms, throughput = runtime.cpu_speed(model, dataset.in_channels, dataset.image_size)
     metrics = {
         "model": stage.model_name,
         "params": models.count_params(model),
@@ -480,8 +479,6 @@ def finish_stage(stage, progress):
         "best_epoch": progress.best["epoch"],
         "epochs": stage.epochs,
         "train_seconds": round(train_seconds, 1),
-        "cpu_latency_ms": round(latency_ms, 3),
-        "cpu_throughput": round(throughput, 1),
         "device": str(stage.device),
         "tta": cfg["TTA"],
         "method": cfg["METHOD"] if stage.name == "distilled" else "cross-entropy",
@@ -594,17 +591,14 @@ def results_table(rows, num_classes):
     """The stages side by side (with top-5 accuracy for more than 10 classes), then the distillation's gain."""
     top5 = num_classes > 10
     lines = [
-        f"| stage | model | method | params | test accuracy |{' top-5 |' if top5 else ''}"
-        f" PyTorch CPU latency (batch 1) | PyTorch CPU throughput (batch 256) | train time |",
-        f"|---|---|---|---:|---:|{'---:|' if top5 else ''}---:|---:|---:|",
+        f"| stage | model | method | params | test accuracy |{' top-5 |' if top5 else ''} train time |",
+        f"|---|---|---|---:|---:|{'---:|' if top5 else ''}---:|",
     ]
     for stage, m in rows.items():
         top5_cell = f" {m['test_top5']:.2%} |" if top5 else ""
         trained = "not trained here" if m["train_seconds"] is None else f"{m['train_seconds']:.0f} s"
         lines.append(
-            f"| {stage} | {m['model']} | {m['method']} | {m['params']:,} | {m['test_acc']:.2%} |{top5_cell}"
-            f" {m['cpu_latency_ms']:.2f} ms "
-            f"| {m['cpu_throughput']:,.0f} img/s | {trained} |"
+            f"| {stage} | {m['model']} | {m['method']} | {m['params']:,} | {m['test_acc']:.2%} |{top5_cell} {trained} |"
         )
     gain = distillation_gain(rows)
     if gain is not None:
@@ -774,13 +768,11 @@ def brought_teacher(cfg, dataset, device):
         return model, checkpoint.file_digest(path), None
     test_acc, test_top5 = evaluate(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std, cfg["TTA"],
                                    cfg["CHANNELS_LAST"])  # fmt: skip
-    latency_ms, throughput = runtime.cpu_speed(model, dataset.in_channels, dataset.image_size)
     params = models.count_params(model)
     print(f"teacher: {cfg['TEACHER']} ({params:,} params) from {path} ({kind}), not trained by this run: "
           f"test accuracy {test_acc:.2%}")  # fmt: skip
     metrics = {"model": cfg["TEACHER"], "params": params, "test_acc": test_acc, "test_top5": test_top5,
-               "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None,
-               "cpu_latency_ms": round(latency_ms, 3), "cpu_throughput": round(throughput, 1), "device": str(device),
+               "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None, "device": str(device),
                "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path),
                **UNKNOWN_CODE, "earlier_code": None}  # fmt: skip
     return model, checkpoint.file_digest(path), metrics

@@ -44,6 +44,7 @@ def test_ratios_and_the_report_line():
             "latency_ms": 0.8,
             "latency_p90_ms": 0.9,
             "throughput": 1000.0,
+            "pytorch": {"latency_ms": 1.6, "latency_p90_ms": 1.8, "throughput": 500.0},
         },
         "student": {
             "model": "s",
@@ -54,6 +55,7 @@ def test_ratios_and_the_report_line():
             "latency_ms": 0.2,
             "latency_p90_ms": 0.25,
             "throughput": 5000.0,
+            "pytorch": {"latency_ms": 0.5, "latency_p90_ms": 0.6, "throughput": 2500.0},
         },
     }
     rows["distilled"] = {**rows["student"], "test_acc": 0.83}
@@ -66,7 +68,10 @@ def test_ratios_and_the_report_line():
     text = report.compression_markdown(
         {"rows": rows, "student_vs_teacher": ratios, "engine": "ONNX Runtime x", "throughput_threads": 2}
     )
-    assert "| student | s | 100 | 1.00 M | 0.40 MB | 80.00% | 0.200 / 0.250 ms | 5,000 img/s |" in text
+    assert (
+        "| student | s | 100 | 1.00 M | 0.40 MB | 80.00% | 0.200 / 0.250 ms | 0.500 / 0.600 ms | 5,000 img/s "
+        "| 2,500 img/s |"
+    ) in text
     assert (
         "Student / teacher: checkpoint 0.10x, MACs 0.20x, latency 0.25x (4.0 times as fast); the student alone "
         "loses 10.00 points of test accuracy, distillation wins back 3.00."
@@ -176,8 +181,11 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
         assert row["checkpoint_bytes"] == (folder / f"{stage}.pt").stat().st_size
         assert row["params"] == results["stages"][stage]["params"]
         assert row["test_acc"] == results["stages"][stage]["test_acc"]
-        assert row["macs"] > 0 and 0 < row["latency_ms"] <= row["latency_p90_ms"] and row["throughput"] > 0
+        for speed in (row, row["pytorch"]):  # ONNX Runtime, then PyTorch
+            assert 0 < speed["latency_ms"] <= speed["latency_p90_ms"] and speed["throughput"] > 0
+        assert row["macs"] > 0
     assert rows["student"]["macs"] == rows["distilled"]["macs"] < rows["teacher"]["macs"]
+    assert rows["student"]["pytorch"] == rows["distilled"]["pytorch"]  # one network, timed once
     ratios = results["compression"]["student_vs_teacher"]
     assert ratios["macs"] == pytest.approx(rows["student"]["macs"] / rows["teacher"]["macs"])
     markdown = (folder / "results.md").read_text()
