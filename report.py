@@ -168,13 +168,20 @@ def report_speed(module, in_channels, image_size, engine, onnx_path=None):
     }
 
 
+def error_text(error):
+    """An exception in one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
 def compression(networks, in_channels, image_size):
     """The compression report of a run. networks: {stage: (model name, model,
-    checkpoint path, test accuracy)}. Each architecture is exported and timed
-    once (the student and the distilled student are one network, and their
-    speeds must not differ by the machine's noise), in ONNX Runtime and in
-    PyTorch (under "pytorch")."""
-    rows, measured = {}, {}
+    checkpoint path, test accuracy)}. Each architecture is timed once (the
+    student and the distilled student are one network, and their speeds must
+    not differ by the machine's noise) in PyTorch (under "pytorch") and,
+    exported, in ONNX Runtime. An export that fails (an op the exporter cannot
+    convert) leaves that network's ONNX Runtime figures out, with the reason in
+    "onnx_error": the report comes after training, and keeps what it can."""
+    rows, measured, onnx_error = {}, {}, None
     with tempfile.TemporaryDirectory() as folder:
         for stage, (name, model, path, test_acc) in tqdm(
             networks.items(), desc="compression report", leave=False, disable=None
@@ -182,12 +189,15 @@ def compression(networks, in_channels, image_size):
             if name not in measured:
                 module = deployable(model, in_channels)
                 onnx_path = Path(folder) / f"{name}.onnx"
-                export.write_onnx(
-                    module, torch.zeros(2, in_channels, image_size, image_size, dtype=torch.uint8), onnx_path
-                )
+                try:
+                    export.write_onnx(
+                        module, torch.zeros(2, in_channels, image_size, image_size, dtype=torch.uint8), onnx_path
+                    )
+                except Exception as error:
+                    onnx_error, onnx_path = onnx_error or error_text(error), None
                 measured[name] = {
                     "macs": macs_per_image(model, in_channels, image_size),
-                    **report_speed(module, in_channels, image_size, "onnxruntime", onnx_path),
+                    **(report_speed(module, in_channels, image_size, "onnxruntime", onnx_path) if onnx_path else {}),
                     "pytorch": report_speed(module, in_channels, image_size, "eager"),
                 }
             rows[stage] = {
@@ -201,18 +211,21 @@ def compression(networks, in_channels, image_size):
         "rows": rows,
         "student_vs_teacher": ratios(rows),
         "engine": engine_name(),
+        "onnx_error": onnx_error,
         "latency_threads": 1,
         "throughput_threads": all_cores(),
     }
 
 
 def ratios(rows):
-    """The student's size, MACs and latency over the teacher's, and the points
-    of test accuracy the student alone loses and distillation wins back."""
+    """The student's size, MACs and ONNX Runtime latency (where both were
+    measured) over the teacher's, and the points of test accuracy the student
+    alone loses and distillation wins back."""
     teacher, student = rows.get("teacher"), rows.get("student") or rows.get("distilled")
     if teacher is None or student is None:
         return None
-    out = {key: student[key] / teacher[key] for key in ("checkpoint_bytes", "macs", "latency_ms")}
+    keys = [key for key in ("checkpoint_bytes", "macs", "latency_ms") if key in student and key in teacher]
+    out = {key: student[key] / teacher[key] for key in keys}
     if "student" in rows:
         out["accuracy_lost_points"] = 100 * (teacher["test_acc"] - rows["student"]["test_acc"])
         if "distilled" in rows:
@@ -230,6 +243,14 @@ def size_text(size):
     return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
+def latency_text(figures):
+    return f"{figures['latency_ms']:.3f} / {figures['latency_p90_ms']:.3f} ms"
+
+
+def throughput_text(figures):
+    return f"{figures['throughput']:,.0f} img/s"
+
+
 def compression_markdown(report):
     """The report as a markdown table and its last line."""
     threads = report["throughput_threads"]
@@ -239,20 +260,19 @@ def compression_markdown(report):
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for stage, row in report["rows"].items():
-        eager = row["pytorch"]
+        exported = "latency_ms" in row  # not where exporting to ONNX failed
         lines.append(
             f"| {stage} | {row['model']} | {row['params']:,} | {row['macs'] / 1e6:,.2f} M "
             f"| {size_text(row['checkpoint_bytes'])} | {row['test_acc']:.2%} "
-            f"| {row['latency_ms']:.3f} / {row['latency_p90_ms']:.3f} ms | {eager['latency_ms']:.3f} / "
-            f"{eager['latency_p90_ms']:.3f} ms | {row['throughput']:,.0f} img/s | {eager['throughput']:,.0f} img/s |"
+            f"| {latency_text(row) if exported else 'n/a'} | {latency_text(row['pytorch'])} "
+            f"| {throughput_text(row) if exported else 'n/a'} | {throughput_text(row['pytorch'])} |"
         )
     r = report["student_vs_teacher"]
     text = "\n".join(lines) + "\n"
     if r is not None:
-        text += (
-            f"\nStudent / teacher: checkpoint {r['checkpoint_bytes']:.2f}x, MACs {r['macs']:.2f}x, "
-            f"latency {r['latency_ms']:.2f}x ({1 / r['latency_ms']:.1f} times as fast)"
-        )
+        text += f"\nStudent / teacher: checkpoint {r['checkpoint_bytes']:.2f}x, MACs {r['macs']:.2f}x"
+        if "latency_ms" in r:
+            text += f", ONNX Runtime latency {r['latency_ms']:.2f}x ({1 / r['latency_ms']:.1f} times as fast)"
         if "accuracy_lost_points" in r:
             lost = r["accuracy_lost_points"]
             text += (
@@ -264,9 +284,11 @@ def compression_markdown(report):
             won = r["accuracy_won_back_points"]
             text += f", distillation wins back {won:.2f}" if won >= 0 else f", distillation loses {-won:.2f} more"
         text += ".\n"
+    if report["onnx_error"]:
+        text += f"\nONNX Runtime figures n/a: exporting to ONNX failed ({report['onnx_error']}).\n"
     return text + (
-        f"\n{report['engine']} and PyTorch {torch.__version__} (eager, float32), the network as exported, without "
-        f"TTA (uint8 in, probabilities out), {threads} CPU cores.\n"
+        f"\n{report['engine']} and PyTorch {torch.__version__} (eager, float32, channels_last), the network as "
+        f"exported, without TTA (uint8 in, probabilities out), {threads} CPU cores.\n"
     )
 
 
@@ -285,16 +307,18 @@ def write_results(out_dir, title, table, summary, checkpoints, in_channels, imag
         )
         for stage, row in summary["stages"].items()
     }
-    print("measuring the compression report in ONNX Runtime...")
+    print("measuring the compression report in PyTorch and ONNX Runtime...")
     try:
         report = compression(networks, in_channels, image_size)
-    except Exception as error:  # the report comes after training: a failed export must not lose the results
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-        report = {"error": reason}
-        text = f"Not measured: exporting to ONNX failed ({reason}).\n"
-        print(f"warning: compression report skipped: exporting to ONNX failed ({reason}); results are written "
-              f"without it", file=sys.stderr)  # fmt: skip
+    except Exception as error:  # the report comes after training: a failure here must not lose the results
+        report = {"error": error_text(error)}
+        text = f"Not measured: the compression report failed ({report['error']}).\n"
+        print(f"warning: compression report skipped ({report['error']}); results are written without it",
+              file=sys.stderr)  # fmt: skip
     else:
+        if report["onnx_error"]:
+            print(f"warning: exporting to ONNX failed ({report['onnx_error']}); the compression report has no ONNX "
+                  f"Runtime figures", file=sys.stderr)  # fmt: skip
         text = compression_markdown(report)
         print(f"\n{text}")
     atomic_write(

@@ -464,7 +464,7 @@ def end_epoch(stage, progress, sums, bar):
 def finish_stage(stage, progress):
     """Test the best epoch's weights and save the checkpoint."""
     train_seconds = progress.seconds()
-    if not master_process:  # the master tests, measures and saves the model; the others wait until it has
+    if not master_process:  # the master tests and saves the model; the others wait until it has
         torch.distributed.barrier()
         return None
     model, dataset, cfg = stage.model, stage.dataset, stage.cfg
