@@ -15,6 +15,7 @@ run, the compression report, training curves, and where the numbers came from.
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -385,21 +386,25 @@ def draw_curves(out_dir, stages):
 # ---------------------------------------------------------------- provenance
 
 
-def git_commit():
-    """(commit, whether tracked files differ from it) of this code's checkout, or (None, None) outside one."""
+def git_commit(folder=None):
+    """(commit, whether tracked files differ from it, a digest of the
+    difference or None) of the checkout holding `folder` (default: this
+    code's), or (None, None, None) outside one. The digest tells apart two
+    runs of one commit with different uncommitted changes."""
 
     def git(*args):
-        return subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=30
-        )
+        cwd = folder or Path(__file__).resolve().parent
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
 
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return None, None
-        return head.stdout.strip(), bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+            return None, None, None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        diff = hashlib.sha256(git("diff", "HEAD", "--binary").stdout.encode()).hexdigest()[:12] if dirty else None
+        return head.stdout.strip(), dirty, diff
     except (OSError, subprocess.TimeoutExpired):
-        return None, None
+        return None, None, None
 
 
 def device_name(device):
@@ -412,15 +417,19 @@ def device_name(device):
     return f"{platform.processor() or platform.machine()}, {all_cores()} cores"
 
 
-def commit_text(commit, dirty):
-    """A commit for results.md: `commit 0123456789ab`, with a note of uncommitted changes."""
+def commit_text(commit, dirty, diff=None):
+    """A commit for results.md: `commit 0123456789ab`, with a note of uncommitted changes and their digest."""
     if commit is None:
         return "an unknown commit"
-    return f"commit `{commit[:12]}`" + (" with uncommitted changes" if dirty else "")
+    return f"commit `{commit[:12]}`" + (" with uncommitted changes" if dirty else "") + (f" `{diff}`" if diff else "")
 
 
 def run_markdown(run):
-    commit = "not a git checkout" if run["git_commit"] is None else commit_text(run["git_commit"], run["git_dirty"])
+    commit = (
+        "not a git checkout"
+        if run["git_commit"] is None
+        else commit_text(run["git_commit"], run["git_dirty"], run["git_diff"])
+    )
     return (
         f"Seed {run['seed']}, {commit}, torch {run['torch']}, {run['device']} ({run['device_name']}), "
         f"bf16 {'on' if run['bf16'] else 'off'}.\n"
@@ -430,11 +439,12 @@ def run_markdown(run):
 def run_info(seed, device, bf16, git):
     """The run's provenance; `git` is git_commit()'s answer as the run started
     (train.py reads it first thing, so that a commit made while it trains is not its code)."""
-    commit, dirty = git
+    commit, dirty, diff = git
     return {
         "seed": seed,
         "git_commit": commit,
         "git_dirty": dirty,
+        "git_diff": diff,
         "torch": torch.__version__,
         "device": str(device),
         "device_name": device_name(device),

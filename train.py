@@ -37,9 +37,9 @@ import runtime
 STAGES = config.STAGE_NAMES
 # The code that trains: its commit as this process starts, recorded with the
 # run and with each stage it trains (a commit made while it trains is not its code).
-GIT_COMMIT, GIT_DIRTY = report.git_commit()
-THIS_CODE = {"git_commit": GIT_COMMIT, "git_dirty": GIT_DIRTY}
-UNKNOWN_CODE = {"git_commit": None, "git_dirty": None}  # outside a checkout, or saved before records named it
+GIT_STATE = report.git_commit()  # (commit, dirty, digest of the uncommitted changes)
+THIS_CODE = dict(zip(("git_commit", "git_dirty", "git_diff"), GIT_STATE))
+UNKNOWN_CODE = dict.fromkeys(THIS_CODE)  # outside a checkout, or saved before records named it
 
 # ---------------------------------------------------------------- distributed (torchrun)
 # torchrun starts one process per GPU (on one or several machines) and tells
@@ -445,7 +445,7 @@ def end_epoch(stage, progress, sums, bar):
         "seconds": round(sums.seconds, 2),
         **THIS_CODE,  # a resumed stage may have epochs from other code
     }
-    if sums.code != THIS_CODE:  # stopped part-way by other code, and resumed by this
+    if code_of(sums.code) != THIS_CODE:  # stopped part-way by other code, and resumed by this
         record["begun_by"] = sums.code
     progress.log.append(record)
     if master_process:
@@ -498,17 +498,23 @@ def finish_stage(stage, progress):
     return metrics
 
 
+def code_of(record):
+    """The code that a log record or an epoch's sums name, with None for what
+    older ones do not say (all of it for None)."""
+    return {key: (record or {}).get(key) for key in UNKNOWN_CODE}
+
+
 def earlier_code(log):
     """Runs of consecutive epochs of a resumed stage trained by code other than
-    this run's, as [{git_commit, git_dirty, first_epoch, last_epoch}]. An epoch
-    stopped part-way counts for the code on either side of the stop. Records
-    logged before they named their code count as commit None; two runs of the
-    same commit with different uncommitted changes cannot be told apart."""
+    this run's, as [{git_commit, git_dirty, git_diff, first_epoch, last_epoch}].
+    An epoch stopped part-way counts for the code on either side of the stop.
+    Records logged before they named their code count as commit None, and
+    before they named their uncommitted changes' digest, as digest None."""
     epochs = []  # (epoch, code), in training order
     for record in log:
         if "begun_by" in record:
-            epochs.append((record["epoch"], record["begun_by"] or UNKNOWN_CODE))
-        epochs.append((record["epoch"], {key: record.get(key) for key in UNKNOWN_CODE}))
+            epochs.append((record["epoch"], code_of(record["begun_by"])))
+        epochs.append((record["epoch"], code_of(record)))
     runs = []
     for epoch, code in epochs:
         if runs and runs[-1][0] == code:
@@ -741,7 +747,7 @@ def provenance_lines(rows):
     under other code than the code that finished them; or ""."""
 
     def code(m):
-        return report.commit_text(m["git_commit"], m["git_dirty"])
+        return report.commit_text(m["git_commit"], m["git_dirty"], m["git_diff"])
 
     def epochs(m):
         return ", ".join(f"{r['first_epoch']}-{r['last_epoch']} at {code(r)}" for r in m["earlier_code"])
@@ -797,7 +803,7 @@ def write_results(cfg, results, kept, out_dir, dataset, run, teacher):
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0])
     device, out_dir = set_up(cfg)
-    run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], (GIT_COMMIT, GIT_DIRTY))
+    run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], GIT_STATE)
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
     unknown_code = {**UNKNOWN_CODE, "earlier_code": None}  # for checkpoints saved before metrics named their code

@@ -153,13 +153,34 @@ def test_curves_without_a_validation_split_say_so(tmp_path):
     assert "no validation split" in figure.axes[1].texts[0].get_text()
 
 
+def test_uncommitted_changes_are_named_by_their_digest(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("EPOCHS = 12\n")
+    git("add", "train.py")
+    git("commit", "-q", "-m", "first")
+    commit, dirty, diff = report.git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and (dirty, diff) == (False, None)
+    digests = []
+    for epochs in (8, 5, 8):
+        (tmp_path / "train.py").write_text(f"EPOCHS = {epochs}\n")
+        again, dirty, diff = report.git_commit(tmp_path)
+        assert again == commit and dirty and re.fullmatch(r"[0-9a-f]{12}", diff)
+        digests.append(diff)
+    assert digests[0] != digests[1] and digests[0] == digests[2]  # one digest for one change
+    assert report.commit_text(commit, True, digests[0]) == f"commit `{commit[:12]}` with uncommitted changes `{diff}`"
+
+
 def test_outside_a_git_checkout_there_is_no_commit(monkeypatch):
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
     git = report.git_commit()
-    assert git == (None, None)
+    assert git == (None, None, None)
     assert "not a git checkout" in report.run_markdown(report.run_info(3, torch.device("cpu"), False, git))
 
 
@@ -196,14 +217,15 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
     assert "## Compression" in markdown and "Student / teacher: checkpoint" in markdown
     assert "![training curves](curves.png)" in markdown and "Seed 3" in markdown
 
+    code = ("git_commit", "git_dirty", "git_diff")
     for stage in STAGES:  # each stage names the code that trained it, the run's
         row = results["stages"][stage]
-        assert (row["git_commit"], row["git_dirty"], row["kept"]) == (run["git_commit"], run["git_dirty"], False)
+        assert [row[k] for k in code] == [run[k] for k in code] and not row["kept"]
         assert row["earlier_code"] == []
     assert "kept from earlier runs" not in markdown
 
     (folder / "curves.png").unlink()  # a run that trains nothing still draws the stages it skipped
-    train_code = ("git_commit", "git_dirty", "earlier_code")  # what metrics say of the code that trained a stage
+    train_code = ("git_commit", "git_dirty", "git_diff", "earlier_code")  # what metrics say of the code that trained it
     for stage, metrics in (
         ("student", {"git_commit": "0123456789abcdef" * 2 + "01234567", "git_dirty": True}),
         ("teacher", {}),
@@ -235,7 +257,7 @@ def test_a_failed_export_or_report_still_writes_the_results(tmp_path, monkeypatc
     monkeypatch.setattr(report, "LATENCY_CALLS", 10)
     monkeypatch.setattr(report.export, "write_onnx", fails)
     stages = {"student": {"model": "airnet_xs", "test_acc": 0.5}}
-    summary = {"stages": stages, "run": report.run_info(0, torch.device("cpu"), False, (None, None))}
+    summary = {"stages": stages, "run": report.run_info(0, torch.device("cpu"), False, (None, None, None))}
     (tmp_path / "student.pt").write_bytes(b"w" * 500)
     model = models.build("airnet_xs", 10)
     for failed in ("export", "report"):

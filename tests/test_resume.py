@@ -85,8 +85,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     saved = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
     assert 1 < saved["progress"]["epoch"] <= 12
     done = saved["progress"]["epoch"] - 1
-    for record in saved["progress"]["log"]:  # as if other code had trained the epochs done so far
-        record.update(git_commit="f" * 40, git_dirty=False)
+    commit = report.git_commit()[0]  # this code's commit, or None outside a checkout
+    other = {"git_commit": commit, "git_dirty": True, "git_diff": "0123456789ab"}
+    for record in saved["progress"]["log"]:  # as if this commit with other uncommitted changes had trained them
+        record.update(other)
     torch.save(saved, out / "cifar10" / "teacher.last.pt")
 
     again = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW)
@@ -100,12 +102,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     log = (out / "cifar10" / "teacher.jsonl").read_text().splitlines()
     assert len(log) == 12
     metrics = checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]
-    assert metrics["earlier_code"] == [{"git_commit": "f" * 40, "git_dirty": False, "first_epoch": 1,
-                                        "last_epoch": done}]  # fmt: skip
-    commits = [json.loads(line)["git_commit"] for line in log]
-    assert commits == ["f" * 40] * done + [metrics["git_commit"]] * (12 - done)
-    line = (f"resumed under other code: teacher (epochs 1-{done} at commit `ffffffffffff`, the rest at "
-            f"{report.commit_text(metrics['git_commit'], metrics['git_dirty'])})")  # fmt: skip
+    assert metrics["earlier_code"] == [{**other, "first_epoch": 1, "last_epoch": done}]
+    diffs = [json.loads(line)["git_diff"] for line in log]
+    assert diffs == ["0123456789ab"] * done + [metrics["git_diff"]] * (12 - done)
+    this_code = report.commit_text(metrics["git_commit"], metrics["git_dirty"], metrics["git_diff"])
+    other_code = report.commit_text(commit, True, "0123456789ab")
+    line = f"resumed under other code: teacher (epochs 1-{done} at {other_code}, the rest at {this_code})"
     assert line in resumed.stdout and line in (out / "cifar10" / "results.md").read_text()
 
 
@@ -122,7 +124,7 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
     assert state["stage"] == "teacher" and state["progress"]["epoch"] >= 1
     done, mid_epoch = state["progress"]["epoch"] - 1, state["progress"]["sums"] is not None
     for record in state["progress"]["log"]:  # as if logged by code too old to name itself
-        del record["git_commit"], record["git_dirty"]
+        del record["git_commit"], record["git_dirty"], record["git_diff"]
     if mid_epoch:  # and the epoch in progress begun by other code
         state["progress"]["sums"]["code"] = {"git_commit": "e" * 40, "git_dirty": True}
     torch.save(state, out / "cifar10" / "teacher.last.pt")
@@ -130,9 +132,10 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]
     assert metrics["epochs"] == 12
-    unknown = [{"git_commit": None, "git_dirty": None, "first_epoch": 1, "last_epoch": done}] if done else []
-    begun = [{"git_commit": "e" * 40, "git_dirty": True, "first_epoch": done + 1, "last_epoch": done + 1}]
-    assert metrics["earlier_code"] == unknown + (begun if mid_epoch else [])
+    unknown = [{"git_commit": None, "git_dirty": None, "git_diff": None, "first_epoch": 1, "last_epoch": done}]
+    begun = [{"git_commit": "e" * 40, "git_dirty": True, "git_diff": None, "first_epoch": done + 1,
+              "last_epoch": done + 1}]  # fmt: skip
+    assert metrics["earlier_code"] == (unknown if done else []) + (begun if mid_epoch else [])
     # usually stopped mid-epoch: the saved order, running sums and generator state carry the run on exactly
     assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
 
