@@ -125,6 +125,7 @@ STAGE_NAMES = ("teacher", "student", "distilled")
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -179,7 +180,8 @@ def _stages(value):
     return None if names and all(n in known for n in names) else f"must be a comma-separated list of {', '.join(known)}"
 
 
-POSITIVE, NON_NEGATIVE = (lambda v: None if v > 0 else "must be > 0"), (lambda v: None if v >= 0 else "must be >= 0")
+POSITIVE = lambda v: None if 0 < v < math.inf else "must be a finite number > 0"  # noqa: E731
+NON_NEGATIVE = lambda v: None if 0 <= v < math.inf else "must be a finite number >= 0"  # noqa: E731
 RULES = {  # constant -> check(value) returning an error or None
     "DATASET": _registry("data", "DATASETS"), "TEACHER": _registry("models", "MODELS"),
     "STUDENT": _registry("models", "MODELS"), "METHOD": _registry("distill", "METHODS"),
@@ -189,7 +191,7 @@ RULES = {  # constant -> check(value) returning an error or None
     "AMP": lambda v: None if v in ("auto", "bf16", "off") else "must be one of auto, bf16, off",
     "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8", "STAGES": _stages,
     "EPOCHS": lambda v: None if len(v) == 3 and all(e > 0 for e in v) else "must be one or three integers > 0",
-    "LR": lambda v: None if len(v) == 3 and all(r > 0 for r in v) else "must be one or three numbers > 0",
+    "LR": lambda v: None if len(v) == 3 and not any(map(POSITIVE, v)) else "must be one or three finite numbers > 0",
     "LR_MILESTONES": lambda v: None if all(0 < m < 1 for m in v) else "must be fractions between 0 and 1",
     "BATCH_SIZE": POSITIVE, "BIAS_LR_SCALE": POSITIVE, "TEMPERATURE": POSITIVE, "LSKD_TEMPERATURE": POSITIVE,
     "VAL_SIZE": NON_NEGATIVE, "WEIGHT_DECAY": NON_NEGATIVE, "CROP_PADDING": NON_NEGATIVE, "SEED": NON_NEGATIVE,
