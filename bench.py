@@ -207,7 +207,24 @@ def generated_dataset(n, seed=0):
     )
 
 
-def latency(cfg):
+def output_file(cfg, name):
+    """Where the results go (--out, else OUT_DIR/name), checked before any
+    measuring: a path that cannot be written fails now, not after the benchmark."""
+    flag = "out" if cfg["out"] else "out-dir"
+    out = Path(cfg["out"] or Path(cfg["OUT_DIR"]) / name)
+    if out.is_dir():
+        config.fail(flag, f"{out} is a folder; give a file name, such as {out / name}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        config.fail(flag, f"cannot write to {out.parent} ({error.strerror}); choose a writable --{flag}")
+    return out
+
+
+def latency(cfg, out):
     """The --latency section: teacher and student, eager and ONNX Runtime, one thread and all cores."""
     networks = {"teacher": models.build(cfg["TEACHER"], 10), "student": models.build(cfg["STUDENT"], 10)}
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -223,8 +240,6 @@ def latency(cfg):
               f"1 thread: latency {ratio:.2f}x ({1 / ratio:.1f} times as fast)")  # fmt: skip
     result = {"device": machine, "native_bf16": native_bf16, "torch": torch.__version__, "engine": report.engine_name(),
               "teacher": cfg["TEACHER"], "student": cfg["STUDENT"], "latency": figures}  # fmt: skip
-    out = Path(cfg["out"] or Path(cfg["OUT_DIR"]) / "latency.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {out}")
 
@@ -317,15 +332,23 @@ def print_table(rows, peak):
 def main(argv=None):
     cfg = config.parse(argv, __doc__.split("\n\n")[0], names=BENCH_SETTINGS, extra=add_arguments)
     steps = 3 if cfg["quick"] else cfg["steps"]
-    if steps < 1 or cfg["workers"] < 0:
-        config.fail("steps", "--steps must be >= 1 and --workers >= 0")
+    if steps < 1:
+        config.fail("steps", "must be >= 1")
+    if cfg["workers"] < 0:
+        config.fail("workers", "must be >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
+    out = output_file(cfg, "latency.json" if cfg["latency"] else "bench.json")
     if cfg["latency"]:
-        return latency(cfg)
+        return latency(cfg, out)
     device = runtime.device(cfg["DEVICE"])
-    needed = max(cfg["BATCH_SIZE"], 256) * (steps + 3) + 256  # training batches, or inference batches of 256
+    batches = max(cfg["BATCH_SIZE"], 256) * (steps + 3)  # 3 warm-up and the timed steps: training, or inference by 256
+    needed = batches + 256
     dataset = load_images(cfg, needed)
+    if len(dataset.train_y) < batches:
+        config.fail("steps", f"{dataset.source} has {len(dataset.train_y):,} training images, too few for 3 warm-up "
+                    f"and {steps} timed batches of {max(cfg['BATCH_SIZE'], 256)}; lower --steps (or --batch-size), "
+                    f"or give more data")  # fmt: skip
     cpu_data = dataset.train_x[:needed].cpu(), dataset.train_y[:needed].cpu()
     dataset.train_x, dataset.train_y = dataset.train_x[:needed].to(device), dataset.train_y[:needed].to(device)
     autocast, amp_on = runtime.autocast(device, cfg["AMP"])
@@ -345,8 +368,6 @@ def main(argv=None):
         "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"],
         "peak_gflops_per_second": peak, "rows": rows,
     }  # fmt: skip
-    out = Path(cfg["out"] or Path(cfg["OUT_DIR"]) / "bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {out}")
 

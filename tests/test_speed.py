@@ -45,6 +45,21 @@ def test_speed_options_give_the_accuracy_of_plain_float32(easy_cifar):
     assert abs(accuracy["plain"] - accuracy["fast"]) <= 0.10, accuracy
 
 
+def test_bench_refuses_before_measuring(easy_cifar, tmp_path):
+    """A path it cannot write, or data too small for its batches: one line, before any work."""
+    for args, flag, message in [
+        (["--out", tmp_path], "--out", "is a folder; give a file name"),
+        (["--out-dir", easy_cifar / "data" / "cifar-10-python.tar.gz"], "--out-dir", "cannot write to"),
+        (["--latency", "--out", tmp_path], "--out", "is a folder"),
+        (["--data-dir", easy_cifar / "data"], "--steps", "120 training images, too few for 3 warm-up and 3 timed"),
+        (["--workers", "-1"], "--workers", "must be >= 0"),
+    ]:
+        result = run_script("bench.py", "--quick", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        assert f"error: argument {flag}: " in result.stderr and message in result.stderr
+        assert not (tmp_path / "bench.json").exists()
+
+
 def test_bench_quick_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script(
