@@ -7,7 +7,9 @@ frozen teacher; then compare the three.
     torchrun --nproc-per-node 8 train.py   # one process per GPU (or --nnodes, for several machines)
 
 Each stage writes OUT_DIR/<dataset>/<stage>.pt (checkpoint) and <stage>.jsonl
-(one JSON line per epoch); the run ends with results.md and results.json.
+(one JSON line per epoch; <stage>.last.jsonl while it trains, so that a stage
+retrained with --fresh keeps its finished log until it finishes again); the
+run ends with results.md and results.json.
 """
 
 import contextlib
@@ -449,7 +451,7 @@ def end_epoch(stage, progress, sums, bar):
         record["begun_by"] = sums.code
     progress.log.append(record)
     if master_process:
-        checkpoint.write_text(stage.path(".jsonl"), "".join(json.dumps(r) + "\n" for r in progress.log))
+        checkpoint.write_text(stage.path(".last.jsonl"), log_text(progress.log))
     if master_process and (val_acc is None or val_acc > progress.best["acc"]):  # no validation split: the last epoch
         state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()}
         progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state}
@@ -488,6 +490,8 @@ def finish_stage(stage, progress):
     }
     checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics,
                     stage.teacher_digest)  # fmt: skip
+    checkpoint.write_text(stage.path(".jsonl"), log_text(progress.log))  # the log of the stage as saved
+    stage.path(".last.jsonl").unlink(missing_ok=True)
     stage.path(".last.pt").unlink(missing_ok=True)
     print(
         f"{stage.name}: test accuracy {test_acc:.2%} (best epoch {progress.best['epoch']}, val "
@@ -496,6 +500,10 @@ def finish_stage(stage, progress):
     if ddp:
         torch.distributed.barrier()
     return metrics
+
+
+def log_text(log):
+    return "".join(json.dumps(record) + "\n" for record in log)
 
 
 def code_of(record):

@@ -69,7 +69,7 @@ def test_two_processes_train_one_model_and_rank_zero_writes_once(easy_cifar, tmp
 
 def test_a_signal_stops_the_job_at_the_end_of_an_epoch_and_resume_goes_on(easy_cifar, tmp_path):
     args = ["--data-dir", easy_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher", "--epochs", "40"]
-    log = tmp_path / "cifar10" / "teacher.jsonl"
+    log = tmp_path / "cifar10" / "teacher.last.jsonl"  # the log of the stage in progress
     job = subprocess.Popen(torchrun_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 300
     while (

@@ -54,9 +54,9 @@ def wait_for(path, process, timeout=120):
         time.sleep(0.01)
 
 
-def kill_after_first_epoch(data_dir, out):
+def kill_after_first_epoch(data_dir, out, *extra):
     """Start the slow teacher run and SIGKILL it once its first .last.pt is written."""
-    process = start(data_dir, out)
+    process = start(data_dir, out, *extra)
     wait_for(out / "cifar10" / "teacher.last.pt", process)
     process.kill()
     process.wait()
@@ -109,6 +109,16 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     other_code = report.commit_text(commit, True, "0123456789ab")
     line = f"resumed under other code: teacher (epochs 1-{done} at {other_code}, the rest at {this_code})"
     assert line in resumed.stdout and line in (out / "cifar10" / "results.md").read_text()
+
+
+def test_a_stopped_fresh_run_keeps_the_finished_stage_and_its_log(tiny_cifar, tmp_path):
+    finished = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    folder = tmp_path / "cifar10"
+    before = {name: (folder / name).read_bytes() for name in ("teacher.pt", "teacher.jsonl")}
+    kill_after_first_epoch(tiny_cifar, tmp_path, "--fresh")  # retraining it, with other settings
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert json.loads((folder / "teacher.last.jsonl").read_text().splitlines()[0])["epoch"] == 1
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
