@@ -214,13 +214,8 @@ def output_file(cfg, name):
     out = Path(cfg["out"] or Path(cfg["OUT_DIR"]) / name)
     if out.is_dir():
         config.fail(flag, f"{out} is a folder; give a file name, such as {out / name}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        config.fail(flag, f"cannot write to {out.parent} ({error.strerror}); choose a writable --{flag}")
+    if reason := checkpoint.unwritable(out.parent):
+        config.fail(flag, f"cannot write to {out.parent} ({reason}); choose a writable --{flag}")
     return out
 
 

@@ -35,6 +35,19 @@ def atomic_write(path, write):
         temporary.unlink(missing_ok=True)
 
 
+def unwritable(folder):
+    """Why output files cannot be written into `folder` (made if missing), or
+    None: checked before long work, so that it fails now and not after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        return error.strerror
+    return None
+
+
 def write_text(path, text):
     atomic_write(path, lambda p: p.write_text(text))
 

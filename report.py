@@ -152,7 +152,7 @@ def latency_markdown(figures):
                 label = "ONNX Runtime" if engine == "onnxruntime" else "PyTorch eager"
                 lines.append(
                     f"| {name} | {label} | {threads} | {s['latency_ms']:.3f} ms | {s['latency_p90_ms']:.3f} ms "
-                    f"| {s['throughput']:,.0f} img/s |"
+                    f"| {throughput_text(s)} |"
                 )
     return "\n".join(lines) + "\n"
 

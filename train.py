@@ -627,17 +627,6 @@ def distillation_gain(rows):
     return None
 
 
-def check_writable(folder):
-    """Fail now, not after an hour of training, if outputs cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        config.fail("out-dir", f"cannot write to {folder} ({error.strerror}); choose a writable --out-dir")
-
-
 def set_up(cfg):
     """Check the settings that need no data, join the torchrun job and set up
     the device; returns the device and the output folder."""
@@ -655,7 +644,8 @@ def set_up(cfg):
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
     out_dir = Path(cfg["OUT_DIR"]) / cfg["DATASET"]
-    check_writable(out_dir)
+    if reason := checkpoint.unwritable(out_dir):  # fail now, not after an hour of training
+        config.fail("out-dir", f"cannot write to {out_dir} ({reason}); choose a writable --out-dir")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -122,6 +122,12 @@ BAD_CONFIGS = [
 ]
 
 
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_script("train.py", "--out-dir", tmp_path / "a-file", "--data-dir", tmp_path / "no-data")
+    assert_one_line_error(result, "argument --out-dir: cannot write to", "choose a writable --out-dir", code=2)
+
+
 @pytest.mark.parametrize("args,flag", BAD_CONFIGS, ids=[" ".join(a) for a, _ in BAD_CONFIGS])
 def test_bad_configuration_is_one_line_naming_the_flag(capsys, args, flag):
     """The parser and checks train.py uses, called in-process: exit 2, one line naming the flag."""
