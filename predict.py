@@ -117,6 +117,17 @@ def expand(paths, recursive, evaluate):
     return items
 
 
+def refuse_whole_dataset(paths):
+    """--evaluate labels each image by its folder, so a dataset folder given
+    whole would score its training images too: it is refused, naming the
+    held-out split to give instead."""
+    for raw in paths:
+        if data.is_image_tree(raw):
+            held_out = data.held_out_folder(raw)
+            usage_error(f"{raw} is a whole dataset (train/ and {held_out.name}/): --evaluate on it would count the "
+                        f"training images; give {held_out}, the held-out images")  # fmt: skip
+
+
 def read_image(path, size, channels):
     """uint8 (C, size, size) array, or an error string that names the problem."""
     try:
@@ -192,6 +203,8 @@ def main(argv=None):
         config.fail("top-k", f"must be >= 1 (got {cfg['top_k']})", PROG)
     if cfg["batch_size"] < 1:
         config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
+    if cfg["evaluate"]:
+        refuse_whole_dataset(cfg["paths"])
     device = runtime.device(cfg["DEVICE"], PROG)
     if cfg["checkpoint"]:
         path, dataset = cfg["checkpoint"], cfg["dataset"] or config.DATASET

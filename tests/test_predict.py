@@ -208,6 +208,13 @@ def test_evaluate_reports_accuracy_equal_to_direct_computation(trained):
         assert name in result.stdout
 
 
+def test_evaluate_on_a_whole_dataset_folder_points_at_its_held_out_images(trained):
+    checkpoint, tree = trained
+    result = predict(checkpoint, tree, "--evaluate")
+    assert_one_line_error(result, f"{tree} is a whole dataset", "training images", f"give {tree / 'test'}", code=2)
+    assert result.stdout == ""
+
+
 def test_evaluate_where_no_image_decodes_reports_each_file_and_no_accuracy(trained, tmp_path):
     checkpoint, _ = trained
     (tmp_path / "tree" / "cat").mkdir(parents=True)
