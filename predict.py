@@ -20,6 +20,7 @@ usage error (bad flag, missing or unusable checkpoint).
 """
 
 import json
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,15 +78,27 @@ def default_checkpoint(out_dir, dataset):
     return Path(out_dir) / dataset / "distilled.pt", dataset
 
 
-def load_model(path, default_used, dataset, device):
+def how_to_train(dataset, out_dir):
+    """The train.py command that writes OUT_DIR/<dataset>/distilled.pt, for
+    the message on a missing one. train.py takes only the names of
+    data.DATASETS, reads a folder dataset from --data-dir, and writes under
+    its own default OUT_DIR unless told."""
+    if dataset not in data.DATASETS:
+        return (f"{dataset!r} is not a dataset train.py trains ({', '.join(data.DATASETS)}; a tree of your own "
+                f"images is 'folder'): give one of these to --dataset, or --checkpoint PATH")  # fmt: skip
+    command = f"python3 train.py --dataset {dataset}"
+    if dataset == "folder":
+        command += " --data-dir <folder holding train/<class>/ and test/<class>/>"
+    if Path(out_dir) != Path(config.OUT_DIR):
+        command += f" --out-dir {shlex.quote(str(out_dir))}"
+    return f"train one with: {command}"
+
+
+def load_model(path, how, device):
     """The checkpoint's model in eval mode, and the checkpoint dict; for an
-    .onnx file, an export.OnnxClassifier and the same keys from its metadata."""
+    .onnx file, an export.OnnxClassifier and the same keys from its metadata.
+    how: what to do when there is no file at `path`."""
     if not Path(path).is_file():
-        how = (
-            f"train one with: python3 train.py --dataset {dataset}"
-            if default_used
-            else "check the path given to --checkpoint"
-        )
         usage_error(f"no checkpoint at {path}; {how}")
     if Path(path).suffix.lower() == ".onnx":
         try:
@@ -207,10 +220,11 @@ def main(argv=None):
         refuse_whole_dataset(cfg["paths"])
     device = runtime.device(cfg["DEVICE"], PROG)
     if cfg["checkpoint"]:
-        path, dataset = cfg["checkpoint"], cfg["dataset"] or config.DATASET
+        path, how = cfg["checkpoint"], "check the path given to --checkpoint"
     else:
         path, dataset = default_checkpoint(cfg["OUT_DIR"], cfg["dataset"])
-    model, checkpoint = load_model(path, cfg["checkpoint"] is None, dataset, device)
+        how = how_to_train(dataset, cfg["OUT_DIR"])
+    model, checkpoint = load_model(path, how, device)
     classes = checkpoint["classes"]
     items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
     if cfg["evaluate"]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import sys
 
@@ -294,9 +295,21 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
     assert not marker.exists()
 
 
-def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good):
-    result = run_script("predict.py", "--out-dir", tmp_path, "--dataset", "cifar100", good)
-    assert_one_line_error(result, "cifar100/distilled.pt", "python3 train.py --dataset cifar100", code=2)
+@pytest.mark.parametrize(
+    "dataset,how",
+    [
+        ("cifar100", "train one with: python3 train.py --dataset cifar100 --out-dir {out}"),
+        ("folder", "train one with: python3 train.py --dataset folder --data-dir <folder holding train/<class>/ "
+                   "and test/<class>/> --out-dir {out}"),
+        ("imagenet", "'imagenet' is not a dataset train.py trains (cifar10, cifar100, fashion-mnist, folder; "
+                     "a tree of your own images is 'folder'): give one of these to --dataset, or --checkpoint PATH"),
+    ],
+)  # fmt: skip
+def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good, dataset, how):
+    out = tmp_path / "my runs"  # train.py writes elsewhere unless given the same --out-dir
+    result = run_script("predict.py", "--out-dir", out, "--dataset", dataset, good)
+    expected = f"no checkpoint at {out / dataset / 'distilled.pt'}; {how.format(out=shlex.quote(str(out)))}"
+    assert_one_line_error(result, expected, code=2)
 
 
 def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, tmp_path, good):
