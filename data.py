@@ -15,7 +15,7 @@ Sources:
   /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
   otherwise torchvision downloads them.
 - folder: any train/<class>/* + test/<class>/* tree of images (test/ may
-  also be called val/ or validation/).
+  also be called val/ or validation/), with the same classes in both.
 Decoded image trees are cached (see `load_image_tree`).
 """
 
@@ -149,24 +149,55 @@ def tree_fingerprint(files):
     return digest.hexdigest()
 
 
-def decode_split(root, classes, size, channels):
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        folder = Path(root) / name
-        found = list_images(folder) if folder.is_dir() else []
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise DataError(f"no image files found under {root}/<class>/; expected e.g. {root}/{classes[0]}/0001.png")
+def decode_split(split, per_class, size, channels):
+    """uint8 images and int64 labels of one split's files, listed per class."""
     from tqdm import tqdm
 
+    files = [f for found in per_class for f in found]
     images = np.stack(
         [
             load_image(f, size, channels)
-            for f in tqdm(files, desc=f"decoding {root}", leave=False, mininterval=1, disable=None)
+            for f in tqdm(files, desc=f"decoding {split}", leave=False, mininterval=1, disable=None)
         ]
     )
+    labels = [label for label, found in enumerate(per_class) for _ in found]
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def tree_files(train, held_out):
+    """The class names of an image tree and, for train/ and the held-out
+    split, the image files of each class, from directory listings alone.
+
+    The classes are train/'s folders. A tree whose splits do not hold the same
+    classes, each with images, is refused here, before any decoding: it would
+    silently train on a class with no images, or test fewer classes than it
+    trains, dropping the images of a misspelt held-out folder."""
+    classes = [p.name for p in class_folders(train)]
+    if not classes:
+        raise DataError(f"{train} has no class folders; expected {train}/<class>/<image files>")
+    lower = {c.lower(): c for c in classes}
+    unknown = [
+        f"{name} ({train} has {lower[name.lower()]!r}; names are case-sensitive)" if name.lower() in lower else name
+        for name in sorted({p.name for p in class_folders(held_out)} - set(classes))
+    ]
+    if unknown:
+        raise DataError(
+            f"{held_out} has class folders that {train} lacks: {', '.join(unknown)}; rename each to match its "
+            f"train/ class, or give it training images in {train}"
+        )
+    files = {
+        split: [list_images(split / c) if (split / c).is_dir() else [] for c in classes] for split in (train, held_out)
+    }
+    for split, per_class in files.items():
+        empty = [c for c, found in zip(classes, per_class) if not found]
+        if empty:
+            them = "them" if len(empty) > 1 else "it"
+            kind, fix = ("training", them) if split == train else ("held-out", f"{them} from {train}")
+            raise DataError(
+                f"no {kind} images for class{'es' * (len(empty) > 1)} {', '.join(empty)} (no image files in "
+                f"{', '.join(str(split / c) for c in empty)}); add some there, or remove {fix}"
+            )
+    return classes, files[train], files[held_out]
 
 
 def cache_name(path, size, channels):
@@ -211,17 +242,8 @@ def load_image_tree(root, size, channels, cache_dirs):
     and rebuilt whenever a file in the tree is added, removed or changed."""
     root = Path(root)
     held_out = held_out_folder(root)
-    classes = [p.name for p in class_folders(root / "train")]
-    if not classes:
-        raise DataError(f"{root}/train has no class folders; expected {root}/train/<class>/<image files>")
-    files = [
-        f
-        for split in (root / "train", held_out)
-        for c in classes
-        if (split / c).is_dir()
-        for f in list_images(split / c)
-    ]
-    fingerprint = tree_fingerprint(files)
+    classes, train_files, test_files = tree_files(root / "train", held_out)
+    fingerprint = tree_fingerprint([f for found in train_files + test_files for f in found])
     name = cache_name(root, size, channels)
     blob, cached = read_cache(cache_dirs, name, fingerprint)
     if blob is not None:
@@ -233,8 +255,8 @@ def load_image_tree(root, size, channels, cache_dirs):
             blob["classes"],
             f"{root} (cached in {cached})",
         )
-    train_x, train_y = decode_split(root / "train", classes, size, channels)
-    test_x, test_y = decode_split(held_out, classes, size, channels)
+    train_x, train_y = decode_split(root / "train", train_files, size, channels)
+    test_x, test_y = decode_split(held_out, test_files, size, channels)
     write_cache(
         cache_dirs,
         name,

@@ -1,4 +1,5 @@
 import os
+import shutil
 import time
 
 import numpy as np
@@ -139,6 +140,38 @@ def test_corrupt_image_in_tree_is_named(tmp_path):
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"this is not a jpeg")
     with pytest.raises(data.DataError, match="broken.jpg"):
         data.load_folder("folder", root, [tmp_path], 32)
+
+
+TREE_MISTAKES = {  # mistake -> what the error says, {root} standing for the tree
+    "empty train class": "no training images for class bird (no image files in {root}/train/bird); add some there, "
+    "or remove it",
+    "class only in test": "{root}/test has class folders that {root}/train lacks: zebra; rename each to match its "
+    "train/ class, or give it training images in {root}/train",
+    "class spelt otherwise in test": "{root}/test has class folders that {root}/train lacks: Cat ({root}/train has "
+    "'cat'; names are case-sensitive)",
+    "class missing from test": "no held-out images for classes dog, fish (no image files in {root}/test/dog, "
+    "{root}/test/fish); add some there, or remove them from {root}/train",
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(TREE_MISTAKES))
+def test_splits_that_disagree_on_the_classes_are_refused_before_decoding(tmp_path, mistake):
+    root = write_image_tree(tmp_path / "tree", per_class_train=2, per_class_test=1, mixed=False)
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg: decoding it would fail first")
+    if mistake == "empty train class":
+        (root / "train" / "bird").mkdir()
+        (root / "test" / "bird").mkdir()
+    elif mistake == "class only in test":
+        (root / "test" / "zebra").mkdir()
+        shutil.copy(root / "test" / "cat" / "0000.png", root / "test" / "zebra")
+    elif mistake == "class spelt otherwise in test":
+        (root / "test" / "cat").rename(root / "test" / "Cat")
+    else:
+        (root / "test" / "dog" / "0000.png").rename(root / "test" / "dog" / "notes.txt")  # a folder without images
+        shutil.rmtree(root / "test" / "fish")
+    with pytest.raises(data.DataError) as error:
+        data.load_folder("folder", root, [tmp_path / "cache"], 32)
+    assert str(error.value).startswith(TREE_MISTAKES[mistake].format(root=root))
 
 
 def test_validation_split_is_disjoint_stratified_and_seeded():
