@@ -10,10 +10,11 @@ Sources:
 - cifar10 / cifar100: the official python-batch archive or its extracted
   folder, or a tree train/<class>/* + test/<class>/* of image files, in
   DATA_DIR; otherwise torchvision downloads the archive. When cifar10 cannot
-  be had that way, the JPEG copy bundled in datasets/ is read instead.
+  be had that way, the JPEG copy bundled in datasets/ is read instead (a
+  fallback the caller may forbid, see `load`).
 - fashion-mnist: the official IDX files (.gz or not) in DATA_DIR, then in
-  /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist);
-  otherwise torchvision downloads them.
+  /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist; also a
+  fallback); otherwise torchvision downloads them.
 - folder: any train/<class>/* + test/<class>/* tree of images (test/ may
   also be called val/ or validation/), with the same classes in both.
 Decoded image trees are cached (see `load_image_tree`).
@@ -431,7 +432,7 @@ def _read_cifar_archive(path, name):
         raise DataError(f"{path}: corrupt or unreadable archive ({error}); delete it or download it again") from None
 
 
-def load_cifar(name, data_dir, cache_dirs, image_size, download=True):
+def load_cifar(name, data_dir, cache_dirs, image_size, download=True, fallback=True):
     data_dir = Path(data_dir)
     folder = CIFAR_LAYOUTS[name][0]
     archive = data_dir / CIFAR_ARCHIVES[name]
@@ -441,7 +442,7 @@ def load_cifar(name, data_dir, cache_dirs, image_size, download=True):
         return _read_cifar_folder(data_dir / folder, name)
     if archive.is_file():
         return _read_cifar_archive(archive, name)
-    bundled = name == "cifar10" and BUNDLED_CIFAR10.is_file()
+    bundled = name == "cifar10" and fallback and BUNDLED_CIFAR10.is_file()
     if download:
         import torchvision
 
@@ -519,8 +520,9 @@ def _find_idx(folder, stem):
     return None
 
 
-def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True):
-    folders = [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw", Path(FASHION_MNIST_SYSTEM_DIR)]
+def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True, fallback=True):
+    folders = [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"]
+    folders += [Path(FASHION_MNIST_SYSTEM_DIR)] if fallback else []
     for folder in folders:
         found = {key: _find_idx(folder, stem) for key, stem in FASHION_MNIST_FILES.items()}
         if all(found.values()):
@@ -534,6 +536,9 @@ def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True):
                 str(folder),
             )
     looked = ", ".join(str(f) for f in folders)
+    fix = f"put the four *-ubyte.gz files in {data_dir} (or point --data-dir at them)" + (
+        ", or install them with 'apt-get install dataset-fashion-mnist'" if fallback else ""
+    )
     if download:
         import torchvision
 
@@ -543,18 +548,16 @@ def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True):
         except Exception as error:
             raise DataError(
                 f"no Fashion-MNIST IDX files in {looked} and the download failed "
-                f"({str(error).splitlines()[0][:120]}). Install them with "
-                f"'apt-get install dataset-fashion-mnist', or put the four *-ubyte.gz files in "
-                f"a folder and pass --data-dir"
+                f"({str(error).splitlines()[0][:120]}); {fix}"
             ) from None
-        return load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=False)
-    raise DataError(f"no Fashion-MNIST IDX files in {looked}")
+        return load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=False, fallback=fallback)
+    raise DataError(f"no Fashion-MNIST IDX files in {looked}; {fix}")
 
 
 # ---------------------------------------------------------------- image folders
 
 
-def load_folder(name, data_dir, cache_dirs, image_size, download=True):
+def load_folder(name, data_dir, cache_dirs, image_size, download=True, fallback=True):
     if not is_image_tree(data_dir):
         raise DataError(
             f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
@@ -573,7 +576,7 @@ def expected_contents(name):
     return tree
 
 
-DATASETS = {  # name -> loader(name, data_dir, cache_dirs, image_size, download)
+DATASETS = {  # name -> loader(name, data_dir, cache_dirs, image_size, download, fallback)
     "cifar10": load_cifar,
     "cifar100": load_cifar,
     "fashion-mnist": load_fashion_mnist,
@@ -632,11 +635,18 @@ class Data:
         return self.train_x.shape[-1]
 
 
-def load(name, data_dir, cache_dirs=(), image_size=32, val_size=5000, seed=0, device="cpu", download=True):
-    """Load dataset `name`, carve a stratified validation split, move to `device`."""
+def load(
+    name, data_dir, cache_dirs=(), image_size=32, val_size=5000, seed=0, device="cpu", download=True, fallback=True
+):
+    """Load dataset `name`, carve a stratified validation split, move to `device`.
+
+    fallback: whether a dataset missing from `data_dir` (and not downloaded)
+    may come from the bundled CIFAR-10 copy or the system Fashion-MNIST. They
+    stand in for a first run's default folder; for a folder the user named,
+    they would hide a typo behind other data."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    splits = DATASETS[name](name, data_dir, [data_dir, *cache_dirs], image_size, download)
+    splits = DATASETS[name](name, data_dir, [data_dir, *cache_dirs], image_size, download, fallback)
     if len(splits.classes) < 2:
         raise DataError(f"{splits.source}: need at least two classes, found {len(splits.classes)}")
     train_idx, val_idx = stratified_split(splits.train_y, val_size, seed)

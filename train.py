@@ -658,13 +658,16 @@ def load_data(cfg, device, out_dir):
     if Path(cfg["DATA_DIR"]).is_file():
         config.fail("data-dir", f"{cfg['DATA_DIR']} is a file, but the flag takes a folder: for {cfg['DATASET']} "
                     f"it looks there for {data.expected_contents(cfg['DATASET'])}")  # fmt: skip
-    no_folder = cfg["DATASET"] == "folder" or (cfg["DATASET"] == "cifar100" and not cfg["DOWNLOAD"])
-    if not Path(cfg["DATA_DIR"]).is_dir() and no_folder:
-        config.fail(
-            "data-dir",
-            f"{cfg['DATA_DIR']} is not a folder; point it at the dataset"
-            + ("" if cfg["DATASET"] == "folder" else " or allow --download"),
-        )
+    # The bundled CIFAR-10 and the system Fashion-MNIST stand in for the default folder alone: a folder the
+    # user names is meant to hold the data or to receive its download, and one that does not exist is most
+    # likely a typo, refused here unless something will be downloaded into it.
+    folder, default = cfg["DATA_DIR"], Path(cfg["DATA_DIR"]) == Path(config.DATA_DIR)
+    if not Path(folder).is_dir():
+        if cfg["DATASET"] == "folder":
+            config.fail("data-dir", f"{folder} does not exist; point it at the image tree of --dataset folder")
+        if not cfg["DOWNLOAD"] and (cfg["DATASET"] == "cifar100" or not default):
+            config.fail("data-dir", f"{folder} does not exist; point it at the {cfg['DATASET']} data, or leave "
+                        f"out --no-download to download it into {folder}")  # fmt: skip
     with in_turns():
         dataset = data.load(
             cfg["DATASET"],
@@ -675,6 +678,7 @@ def load_data(cfg, device, out_dir):
             seed=cfg["SEED"],
             device=device,
             download=cfg["DOWNLOAD"],
+            fallback=default,
         )
     print(
         f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "

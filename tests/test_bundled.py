@@ -1,4 +1,5 @@
-"""The CIFAR-10 JPEG copy bundled in datasets/: the offline fallback, and a smoke run on real images."""
+"""The CIFAR-10 JPEG copy bundled in datasets/: the offline fallback (for the default data folder alone), and a
+smoke run on real images."""
 
 import json
 import tarfile
@@ -55,20 +56,53 @@ def test_a_failed_download_falls_back_to_the_bundled_copy(out_dir, tmp_path, cap
 
 
 def test_train_py_without_a_data_folder_or_network_uses_the_bundled_copy(out_dir, tmp_path):
-    # a --crop-padding as large as the images stops the run right after loading, before any training
-    result = run_script(
-        "train.py", "--data-dir", tmp_path / "nowhere", "--no-download", "--out-dir", out_dir, "--crop-padding", "32"
-    )
+    # the default --data-dir, data/, which does not exist in tmp_path; a --crop-padding as large as the images
+    # stops the run right after loading, before any training
+    result = run_script("train.py", "--no-download", "--out-dir", out_dir, "--crop-padding", "32", cwd=tmp_path)
     assert_one_line_error(result, "--crop-padding", code=2)
     lines = result.stdout.splitlines()
     assert lines[0].startswith(
-        f"data: no CIFAR-10 in {tmp_path / 'nowhere'}/ and --no-download was given, so this "
-        f"run uses the copy bundled with the repo"
+        "data: no CIFAR-10 in data/ and --no-download was given, so this run uses the copy bundled with the repo"
     )
     assert lines[1] == (
         f"data: cifar10 from {data.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo): 10 classes, "
         f"3x32x32, 45,000 train, 5,000 val, 10,000 test"
     )
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "fashion-mnist"])
+def test_a_named_data_dir_that_does_not_exist_is_refused_without_download(tmp_path, dataset):
+    """The stand-ins are for the default folder: a --data-dir typed wrong stops the run before any loading."""
+    missing = tmp_path / "cifar-10-bacthes"
+    result = run_script("train.py", "--dataset", dataset, "--data-dir", missing, "--no-download",
+                        "--out-dir", tmp_path / "out", "--crop-padding", "32")  # fmt: skip
+    assert_one_line_error(result, code=2)
+    assert result.stderr == (
+        f"train.py: error: argument --data-dir: {missing} does not exist; point it at the {dataset} data, or "
+        f"leave out --no-download to download it into {missing}\n"
+    )
+    assert result.stdout == "" and not missing.exists()
+
+
+def test_a_named_data_dir_without_the_data_is_not_replaced_by_the_bundled_copy(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_script("train.py", "--data-dir", empty, "--no-download", "--out-dir", tmp_path / "out",
+                        "--crop-padding", "32")  # fmt: skip
+    assert_one_line_error(result, f"no cifar10 data in {empty}: put cifar-10-python.tar.gz there", code=1)
+    assert "bundled" not in result.stdout
+
+
+def test_without_fallback_a_failed_download_is_an_error(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(data.DataError, match="no cifar10 data in .* and the download failed"):
+        data.load("cifar10", tmp_path / "typo", download=True, fallback=False)
+    assert capsys.readouterr().out == ""
 
 
 def write_subset(root, per_class):

@@ -91,6 +91,20 @@ def test_fashion_mnist_idx(tmp_path, compress):
     assert splits.classes[0] == "T-shirt/top"
 
 
+def test_the_system_fashion_mnist_stands_in_only_with_fallback(tmp_path, monkeypatch):
+    write_fashion_mnist(tmp_path / "system")
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "system"))
+    (tmp_path / "empty").mkdir()
+    splits = data.load_fashion_mnist("fashion-mnist", tmp_path / "empty", [], 28, download=False)
+    assert splits.source == str(tmp_path / "system") and len(splits.train_y) == 40
+    with pytest.raises(data.DataError) as error:
+        data.load_fashion_mnist("fashion-mnist", tmp_path / "empty", [], 28, download=False, fallback=False)
+    assert str(error.value) == (
+        f"no Fashion-MNIST IDX files in {tmp_path / 'empty'}, {tmp_path / 'empty' / 'FashionMNIST' / 'raw'}; "
+        f"put the four *-ubyte.gz files in {tmp_path / 'empty'} (or point --data-dir at them)"
+    )
+
+
 def test_truncated_idx_is_named(tmp_path):
     write_fashion_mnist(tmp_path, compress=False)
     path = tmp_path / "train-images-idx3-ubyte"
