@@ -199,8 +199,8 @@ def parity_images(checkpoint, data_dir):
             f"argument --data-dir: {data_dir} is not a folder; point it at the {dataset_name} data the "
             f"checkpoint was trained on, or leave it out to check on generated images"
         )
-    try:
-        dataset = data.load(dataset_name, data_dir, image_size=size, val_size=0, download=False)
+    try:  # the folder's own data: no download, and no stand-in (the bundled CIFAR-10 copy) for a folder without it
+        dataset = data.load(dataset_name, data_dir, image_size=size, val_size=0, download=False, fallback=False)
     except data.DataError as error:
         usage_error(f"argument --data-dir: {error}")
     if dataset.classes != checkpoint["classes"] or dataset.in_channels != channels:
@@ -208,13 +208,13 @@ def parity_images(checkpoint, data_dir):
             f"argument --data-dir: {data_dir} holds other classes or channels than the checkpoint; point it "
             f"at the {dataset_name} data the checkpoint was trained on"
         )
-    images = dataset.test_x.cpu()
+    images, source = dataset.test_x.cpu(), data.origin(dataset.source)
     if len(images) >= PARITY_IMAGES:
-        return images, f"the {len(images):,} test images of {data_dir}"
+        return images, f"the {len(images):,} test images of {source}"
     extra = PARITY_IMAGES - len(images)
     return (
         torch.cat([images, generated_images(extra, channels, size)]),
-        f"{PARITY_IMAGES:,} images ({len(images):,} test images of {data_dir}, {extra:,} generated)",
+        f"{PARITY_IMAGES:,} images ({len(images):,} test images of {source}, {extra:,} generated)",
     )
 
 

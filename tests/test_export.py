@@ -95,7 +95,21 @@ def test_data_dir_checks_on_the_test_split_topped_up_to_a_thousand(trained, tmp_
     checkpoint, data_dir = trained
     result = run_script("export.py", "--checkpoint", checkpoint, "--out", tmp_path / "m.onnx", "--data-dir", data_dir)
     assert result.returncode == 0, result.stderr
-    assert "1,000 images (40 test images of" in result.stdout and "960 generated" in result.stdout
+    source = data_dir / "cifar-10-python.tar.gz"
+    assert f"parity on 1,000 images (40 test images of {source}, 960 generated)" in result.stdout
+
+
+def test_a_data_dir_without_the_data_is_one_line_and_not_replaced_by_the_bundled_copy(trained, tmp_path):
+    checkpoint, _ = trained
+    (tmp_path / "empty").mkdir()
+    result = run_script("export.py", "--checkpoint", checkpoint, "--out", tmp_path / "m.onnx",
+                        "--data-dir", tmp_path / "empty")  # fmt: skip
+    assert_one_line_error(result, code=2)
+    assert result.stderr == (
+        f"export.py: error: argument --data-dir: no cifar10 data in {tmp_path / 'empty'}: put cifar-10-python.tar.gz "
+        f"there, or point --data-dir at it\n"
+    )
+    assert result.stdout == "" and not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
