@@ -46,13 +46,16 @@ def test_speed_options_give_the_accuracy_of_plain_float32(easy_cifar):
 
 
 def test_bench_refuses_before_measuring(easy_cifar, tmp_path):
-    """A path it cannot write, or data too small for its batches: one line, before any work."""
+    """A path it cannot write, data it cannot read or too small for its batches: one line, before any work."""
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b not an archive")
     for args, flag, message in [
         (["--out", tmp_path], "--out", "is a folder; give a file name"),
         (["--out-dir", easy_cifar / "data" / "cifar-10-python.tar.gz"], "--out-dir", "cannot write to"),
         (["--latency", "--out", tmp_path], "--out", "is a folder"),
         (["--data-dir", easy_cifar / "data"], "--steps", "120 training images, too few for 3 warm-up and 3 timed"),
         (["--workers", "-1"], "--workers", "must be >= 0"),
+        (["--data-dir", tmp_path / "corrupt", "--out", tmp_path / "bench.json"], "--data-dir", "corrupt or unreadable"),
     ]:
         result = run_script("bench.py", "--quick", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
