@@ -85,33 +85,59 @@ def save(path, stage, cfg, dataset, model_name, state_dict, metrics, teacher_dig
     atomic_write(path, lambda p: torch.save(checkpoint, p))
 
 
-def _starts_as_zip(path):
-    """Whether the file begins as a zip archive, as every file torch.save writes does."""
+# torch.save writes a zip archive; before torch 1.6 (the format of older published
+# teachers) it wrote pickles, the first of them torch's magic number.
+LEGACY_TORCH_START = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+def _written_by_torch(path):
+    """Whether the file begins as every file torch.save writes does."""
     try:
         with open(path, "rb") as file:
-            return file.read(4) == b"PK\x03\x04"
+            start = file.read(len(LEGACY_TORCH_START))
     except OSError:
         return False
+    return start.startswith(b"PK\x03\x04") or start == LEGACY_TORCH_START
 
 
-def load(path, map_location="cpu"):
-    """Load a checkpoint dict safely (weights_only) and check its keys.
+def read(path, expected):
+    """The content of a file torch.save wrote, loaded safely (weights_only).
 
-    Raises ValueError with a one-line reason for anything that is not one of
-    our checkpoints."""
+    Raises ValueError with a one-line reason, `expected` naming what the file
+    should be ("a checkpoint written by train.py"), for a file that cannot be
+    read: torch's own message is long and advises weights_only=False, which
+    we never load with."""
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file...
-        if not _starts_as_zip(path):
-            raise ValueError("not a checkpoint written by train.py (not a torch file)") from None
-        if isinstance(error, pickle.UnpicklingError):  # torch's message would suggest weights_only=False
-            raise ValueError(
-                "not a checkpoint written by train.py (it holds Python objects that a safe load refuses to build)"
-            ) from None
+        if not _written_by_torch(path):
+            raise ValueError(f"not {expected} (not a torch file)") from None
+        if isinstance(error, pickle.UnpicklingError):
+            raise ValueError(f"not {expected} (it holds Python objects that a safe load refuses to build)") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"not a readable checkpoint ({reason[:200]})") from None
+
+
+def refuse_unfinished(content):
+    """Raise ValueError when `content`, given as a finished checkpoint, is the
+    <stage>.last.pt of a stage still in training (see save_progress)."""
+    if isinstance(content, dict) and {"progress", "trainable"} <= content.keys():
+        stage = content.get("stage", "stage")
+        raise ValueError(
+            f"the resume file of an unfinished {stage} stage, not a finished checkpoint; finish the stage "
+            f"with train.py --resume and pass the {stage}.pt it saves"
+        )
+
+
+def load(path):
+    """Load a finished stage's checkpoint safely (weights_only) and check its keys.
+
+    Raises ValueError with a one-line reason for anything that is not one of
+    our checkpoints."""
+    checkpoint = read(path, "a checkpoint written by train.py")
+    refuse_unfinished(checkpoint)
     required = ("model", "state_dict", "num_classes", "in_channels", "classes")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         raise ValueError("not a checkpoint of this repo (keys model, state_dict, num_classes, ... are missing)")
@@ -191,10 +217,7 @@ def save_progress(path, progress, stage):
 
 def load_progress(path):
     """The saved progress at `path`; ValueError with a one-line reason when it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read it ({str(error).splitlines()[0][:200]})") from None
+    return read(path, "a resume file of train.py")
 
 
 def restore_progress(state, stage):

@@ -20,7 +20,10 @@ import re
 
 import torch
 
+import checkpoint
 import models
+
+TEACHER_FILES = "pass a .pt of this repo, a state dict, or {'model': state_dict} as RepDistiller and mdistiller save"
 
 
 def _renamer(*rules):
@@ -146,12 +149,12 @@ def load_teacher(path, name, classes, in_channels):
     Raises ValueError with a one-line reason when the file is not a teacher
     file or its weights do not fit `name` for these classes."""
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = checkpoint.read(path, "a teacher checkpoint")
     except FileNotFoundError:
         raise ValueError("no such file; check the path") from None
-    except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"not a readable checkpoint ({reason[:200]}); pass a file that torch.save wrote") from None
+    except ValueError as error:
+        raise ValueError(f"{error}; {TEACHER_FILES}") from None
+    checkpoint.refuse_unfinished(content)
     if isinstance(content, dict) and isinstance(content.get("model"), str) and "state_dict" in content:
         if content["model"] != name:
             raise ValueError(f"holds a {content['model']}, not the --teacher {name}; pass --teacher {content['model']}")
@@ -165,10 +168,7 @@ def load_teacher(path, name, classes, in_channels):
     else:
         state, kind = _state_dict_of(content)
         if state is None:
-            raise ValueError(
-                "not a teacher checkpoint: expected a .pt of this repo, a state dict, "
-                "or {'model': state_dict} as RepDistiller and mdistiller save"
-            )
+            raise ValueError(f"not a teacher checkpoint; {TEACHER_FILES}")
     model = models.build(name, len(classes), in_channels)
     ours = model.state_dict().keys()
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel

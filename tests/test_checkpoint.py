@@ -1,5 +1,6 @@
 """The checkpoint format: round trips, and files that are not ours."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +39,14 @@ def test_load_refuses_other_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this repo"):
         checkpoint.load(tmp_path / "other.pt")
+
+
+def test_unreadable_files_get_a_short_reason_without_torchs_advice(tmp_path):
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 16)  # torch would advise weights_only=False
+    with pytest.raises(ValueError) as error:
+        checkpoint.load(tmp_path / "random.pt")
+    assert str(error.value) == "not a checkpoint written by train.py (not a torch file)"
+    # torch.save's format before torch 1.6 (older published teachers) is a torch file too
+    torch.save({"step": np.float64(1.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"\(it holds Python objects that a safe load refuses to build\)$"):
+        checkpoint.load(tmp_path / "legacy.pt")

@@ -133,13 +133,13 @@ class RunsCode:
 
 def test_files_that_do_not_fit_are_refused_with_the_reason(tmp_path):
     cases = {
-        "text": ("text.pt", "not a readable checkpoint"),
+        "text": ("text.pt", "not a teacher checkpoint (not a torch file); pass a .pt of this repo"),
         "list": ("list.pt", "not a teacher checkpoint"),
         "empty": ("empty.pt", "not a teacher checkpoint"),
         "other": ("other.pt", "36 missing (stages.0.1.conv1.weight"),
         "classes": ("classes.pt", "of another shape (head.weight: 100x64"),
         "vgg": ("vgg.pt", "conv biases"),
-        "code": ("code.pt", "not a readable checkpoint"),
+        "code": ("code.pt", "(it holds Python objects that a safe load refuses to build); pass a .pt"),
     }
     (tmp_path / "text.pt").write_text("hello")
     torch.save([1, 2, 3], tmp_path / "list.pt")
@@ -207,8 +207,12 @@ def test_a_teacher_file_that_does_not_fit_stops_the_run_in_one_line(tiny_cifar, 
     args = ["--data-dir", tiny_cifar, "--out-dir", tmp_path / "out", *FAST, "--stages", "distilled"]
     result = run_script("train.py", *args, "--teacher", "resnet14", "--teacher-checkpoint", tmp_path / "resnet8.pt")
     assert_one_line_error(result, "--teacher-checkpoint", "do not fit resnet14", code=2)
-    result = run_script("train.py", *args, "--teacher", "resnet8", "--teacher-checkpoint", tmp_path / "notes.txt")
-    assert_one_line_error(result, "--teacher-checkpoint", "not a readable checkpoint", code=2)
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 16)  # garbage that torch tries to unpickle
+    for name in ("notes.txt", "random.pt"):
+        result = run_script("train.py", *args, "--teacher", "resnet8", "--teacher-checkpoint", tmp_path / name)
+        assert_one_line_error(result, "--teacher-checkpoint", f"{name}: not a teacher checkpoint (not a torch file); "
+                              "pass a .pt of this repo, a state dict, or {'model': state_dict}", code=2)  # fmt: skip
+        assert "weights_only" not in result.stderr
     result = run_script("train.py", *args, "--teacher", "resnet8", "--teacher-checkpoint", tmp_path / "nothing.pt")
     assert_one_line_error(result, "--teacher-checkpoint", "no such file", code=2)
     assert not (tmp_path / "out" / "cifar10" / "distilled.pt").exists()

@@ -150,6 +150,18 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
     assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
 
 
+def test_an_unfinished_stage_passed_as_a_finished_one_points_at_resume(tiny_cifar, tmp_path):
+    kill_after_first_epoch(tiny_cifar, tmp_path)
+    last = tmp_path / "cifar10" / "teacher.last.pt"
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path / "other", *FAST,
+                        "--stages", "distilled", "--teacher", "airnet_xs", "--teacher-checkpoint", last)  # fmt: skip
+    expected = ("the resume file of an unfinished teacher stage, not a finished checkpoint; finish the stage with "
+                "train.py --resume and pass the teacher.pt it saves")  # fmt: skip
+    assert_one_line_error(result, f"argument --teacher-checkpoint: {last}: {expected}", code=2)
+    result = run_script("predict.py", "--checkpoint", last, tiny_cifar)  # predict.py and export.py read it alike
+    assert_one_line_error(result, f"{last}: {expected}", code=2)
+
+
 def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     kill_after_first_epoch(tiny_cifar, out)
