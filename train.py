@@ -566,6 +566,8 @@ def load_unfinished(out_dir, stage, cfg, device, teacher_digest=None):
     overwritten; otherwise it stops the run, so that no progress is lost by
     accident."""
     path = out_dir / f"{stage}.last.pt"
+    if not path.exists() and cfg["RESUME"]:
+        print(f"nothing to resume for {stage} (no {path}); training it from the start")
     if not path.exists() or cfg["FRESH"]:
         return None
     if not cfg["RESUME"]:

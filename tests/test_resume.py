@@ -97,6 +97,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     resumed = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at epoch" in resumed.stdout
+    assert "nothing to resume" not in resumed.stdout
     assert not (out / "cifar10" / "teacher.last.pt").exists()
     assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
     log = (out / "cifar10" / "teacher.jsonl").read_text().splitlines()
@@ -160,6 +161,16 @@ def test_an_unfinished_stage_passed_as_a_finished_one_points_at_resume(tiny_cifa
     assert_one_line_error(result, f"argument --teacher-checkpoint: {last}: {expected}", code=2)
     result = run_script("predict.py", "--checkpoint", last, tiny_cifar)  # predict.py and export.py read it alike
     assert_one_line_error(result, f"{last}: {expected}", code=2)
+
+
+def test_resume_with_nothing_to_resume_says_so_and_trains_from_the_start(tiny_cifar, tmp_path):
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher",
+                        "--resume")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = tmp_path / "cifar10"
+    line = f"nothing to resume for teacher (no {folder / 'teacher.last.pt'}); training it from the start"
+    assert line in result.stdout
+    assert (folder / "teacher.pt").exists()
 
 
 def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
