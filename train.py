@@ -129,11 +129,16 @@ class Interrupted(Exception):
         self.signum, self.saved = signum, saved
 
 
-STOP = {"signal": None}  # set by the signal handler, read by the training loop after every step
+# set by the signal handler and read by the training loop after every step; "training": whether a stage is training
+STOP = {"signal": None, "training": False}
 
 
 def request_stop(signum, frame):
-    if STOP["signal"] is not None:  # a second signal: stop now
+    """While a stage trains, stop it after the current step with its progress
+    saved. A second signal, or one outside training (loading data, the
+    compression report), stops at once: what is saved is kept either way."""
+    if STOP["signal"] is not None or not STOP["training"]:
+        STOP["signal"] = STOP["signal"] or signum
         raise KeyboardInterrupt
     STOP["signal"] = signum
     unit = "epoch" if ddp else "step"  # a torchrun job stops between epochs
@@ -323,15 +328,23 @@ def train_stage(name, cfg, dataset, device, out_dir, teacher=None, teacher_diges
         leave=False,
         disable=None if master_process else True,
     )
-    while progress.epoch <= stage.epochs:
-        sums = train_epoch(stage, progress, bar)
-        end_epoch(stage, progress, sums, bar)
-        stop = ddp_agreed_stop(device)
-        if stop is not None:
-            bar.close()
-            raise Interrupted(stop)
-    bar.close()
-    return finish_stage(stage, progress)
+    STOP["training"] = True
+    try:
+        while progress.epoch <= stage.epochs:
+            sums = train_epoch(stage, progress, bar)
+            end_epoch(stage, progress, sums, bar)
+            stop = ddp_agreed_stop(device)
+            if stop is not None:
+                bar.close()
+                raise Interrupted(stop)
+        bar.close()
+        metrics = finish_stage(stage, progress)
+    finally:
+        STOP["training"] = False
+    stop = ddp_agreed_stop(device)
+    if stop is not None:  # asked while the stage was tested and saved: it is saved, stop now
+        raise Interrupted(stop)
+    return metrics
 
 
 def restore(stage, state):
@@ -851,13 +864,14 @@ if __name__ == "__main__":
         if master_process:  # in a torchrun job, the master tells the user how to go on
             sys.stderr.write(f"{prog}: stopped by {stop}; {saved}\n")
         sys.exit(128 + stop.signum)
-    except KeyboardInterrupt:  # a second signal: stop at once; the last .last.pt is from the end of an epoch or earlier
+    except KeyboardInterrupt:  # see request_stop; a .last.pt is from the end of an epoch or earlier
+        signum = STOP["signal"] or signal.SIGINT
         if master_process:
             sys.stderr.write(
-                f"{prog}: stopped at once by a second signal; continue from the last saved progress "
+                f"{prog}: stopped at once by {signal.Signals(signum).name}; continue from what is saved "
                 f"with: {resume_command()}\n"
             )
-        sys.exit(128 + (STOP["signal"] or signal.SIGINT))
+        sys.exit(128 + signum)
     except (data.DataError, TrainingError) as error:
         sys.stderr.write(f"{prog}: error: {error}\n")
         sys.exit(getattr(error, "exit_code", 1))

@@ -200,6 +200,44 @@ def test_signals_sent_back_to_back_stop_without_a_traceback(tiny_cifar, tmp_path
     torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)  # whatever was saved is intact
 
 
+SIGNAL_WHEN_CALLED = """
+import os, runpy, signal, sys
+module, function, script = sys.argv[1:4]
+sys.argv = sys.argv[3:]
+sys.path.insert(0, os.path.dirname(script))
+target = __import__(module)
+original = getattr(target, function)
+
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+
+setattr(target, function, signalled)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def interrupt_when(module, function, *args):
+    """Run train.py with `args`, sending it SIGINT as `module.function` is called: at a known point, not a moment."""
+    command = [sys.executable, "-c", SIGNAL_WHEN_CALLED, module, function, str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+
+
+def test_ctrl_c_outside_the_training_steps_exits_130_keeping_what_is_saved(tiny_cifar, tmp_path):
+    args = ["--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher"]
+    folder = tmp_path / "cifar10"
+    saving = interrupt_when("checkpoint", "save", *args)  # as the finished stage is saved: saved, then stopped
+    assert_one_line_error(saving, "stopped by SIGINT; progress is saved", "--resume", code=130)
+    assert (folder / "teacher.pt").exists() and not (folder / "teacher.last.pt").exists()
+    saved = (folder / "teacher.pt").read_bytes()
+    for module, function in (("report", "write_results"), ("data", "load")):  # the report; data, nothing to train
+        result = interrupt_when(module, function, *args)
+        assert_one_line_error(result, "stopped at once by SIGINT", "--resume", code=130)
+        assert (folder / "teacher.pt").read_bytes() == saved
+    assert not (folder / "results.md").exists()
+
+
 def replace_teacher(path):
     """Put another teacher in teacher.pt, of the same settings (as if retrained elsewhere)."""
     saved = torch.load(path, weights_only=True)
