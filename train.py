@@ -42,6 +42,8 @@ STAGES = config.STAGE_NAMES
 GIT_STATE = report.git_commit()  # (commit, dirty, digest of the uncommitted changes)
 THIS_CODE = dict(zip(("git_commit", "git_dirty", "git_diff"), GIT_STATE))
 UNKNOWN_CODE = dict.fromkeys(THIS_CODE)  # outside a checkout, or saved before records named it
+# the code fields of a stage's metrics where its code is unknown: a brought teacher, or saved before metrics named it
+UNKNOWN_STAGE_CODE = {**UNKNOWN_CODE, "earlier_code": None}
 
 # ---------------------------------------------------------------- distributed (torchrun)
 # torchrun starts one process per GPU (on one or several machines) and tells
@@ -797,7 +799,7 @@ def brought_teacher(cfg, dataset, device):
     metrics = {"model": cfg["TEACHER"], "params": params, "test_acc": test_acc, "test_top5": test_top5,
                "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None, "device": str(device),
                "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path),
-               **UNKNOWN_CODE, "earlier_code": None}  # fmt: skip
+               **UNKNOWN_STAGE_CODE}  # fmt: skip
     return model, checkpoint.file_digest(path), metrics
 
 
@@ -823,8 +825,7 @@ def main(argv=None):
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], GIT_STATE)
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
-    unknown_code = {**UNKNOWN_CODE, "earlier_code": None}  # for checkpoints saved before metrics named their code
-    results = {stage: {**unknown_code, **saved["metrics"]} for stage, saved in finished.items()}
+    results = {stage: {**UNKNOWN_STAGE_CODE, **saved["metrics"]} for stage, saved in finished.items()}
     teacher = digest = None
     if cfg["TEACHER_CHECKPOINT"]:
         teacher, digest, results["teacher"] = brought_teacher(cfg, dataset, device)
