@@ -573,6 +573,14 @@ def load_finished(out_dir, stage, cfg, dataset, teacher_digest=None):
     return saved, changed
 
 
+def kept_metrics(saved):
+    """The metrics of a finished stage reused by this run, in this code's
+    layout: older checkpoints lack the code fields, and carry a CPU speed
+    measured with the stage that the compression report now measures instead."""
+    metrics = {**UNKNOWN_STAGE_CODE, **saved["metrics"]}
+    return {key: value for key, value in metrics.items() if key not in ("cpu_latency_ms", "cpu_throughput")}
+
+
 def load_unfinished(out_dir, stage, cfg, device, teacher_digest=None):
     """The saved progress of an unfinished stage (its .last.pt), or None.
 
@@ -825,7 +833,7 @@ def main(argv=None):
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], GIT_STATE)
     dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
-    results = {stage: {**UNKNOWN_STAGE_CODE, **saved["metrics"]} for stage, saved in finished.items()}
+    results = {stage: kept_metrics(saved) for stage, saved in finished.items()}
     teacher = digest = None
     if cfg["TEACHER_CHECKPOINT"]:
         teacher, digest, results["teacher"] = brought_teacher(cfg, dataset, device)
