@@ -131,26 +131,44 @@ class Interrupted(Exception):
         self.signum, self.saved = signum, saved
 
 
-# set by the signal handler and read by the training loop after every step; "training": whether a stage is training
-STOP = {"signal": None, "training": False}
+# set by the signal handler, read by the training loop after every step. "held": what is finished before a
+# signal is obeyed (None: nothing, it stops at once); "trained": whether a stage began training in this run
+STOP = {"signal": None, "held": None, "trained": False}
 
 
 def request_stop(signum, frame):
     """While a stage trains, stop it after the current step with its progress
-    saved. A second signal, or one outside training (loading data, the
+    saved; while the data loads, once it has loaded (a download cut short
+    would leave a corrupt archive). A second signal, or one elsewhere (the
     compression report), stops at once: what is saved is kept either way."""
-    if STOP["signal"] is not None or not STOP["training"]:
+    if STOP["signal"] is not None or STOP["held"] is None:
         STOP["signal"] = STOP["signal"] or signum
         raise KeyboardInterrupt
     STOP["signal"] = signum
-    unit = "epoch" if ddp else "step"  # a torchrun job stops between epochs
-    tqdm.write(
-        f"\n{signal.Signals(signum).name}: finishing the current {unit}, then saving progress "
-        f"(send it again to stop at once)"
-    )
+    tqdm.write(f"\n{signal.Signals(signum).name}: {STOP['held']}, then stopping (send it again to stop at once)")
+
+
+@contextlib.contextmanager
+def signals_held(what, device):
+    """Hold SIGINT and SIGTERM until the block ends (`what` says what it
+    finishes), then stop if one came; the training loop within also stops
+    at its own safe points."""
+    STOP["held"] = what
+    try:
+        yield
+    finally:
+        STOP["held"] = None
+    stop = ddp_agreed_stop(device)
+    if stop is not None:
+        raise Interrupted(stop)
 
 
 def resume_command():
+    """The command that goes on after a stop: with --resume once a stage has
+    trained (it continues from what is saved), else the command as typed (a
+    --fresh run has retrained nothing yet)."""
+    if not STOP["trained"]:
+        return shlex.join(["python3", Path(sys.argv[0]).name, *sys.argv[1:]])
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
     command = shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
     return command + (" (through the same torchrun command)" if ddp else "")
@@ -330,9 +348,9 @@ def train_stage(name, cfg, dataset, device, out_dir, teacher=None, teacher_diges
         leave=False,
         disable=None if master_process else True,
     )
-    STOP["training"] = True
-    try:
-        while progress.epoch <= stage.epochs:
+    STOP["trained"] = True
+    with signals_held(f"finishing the current {'epoch' if ddp else 'step'} and saving progress", device):
+        while progress.epoch <= stage.epochs:  # a torchrun job stops between epochs, a single process after a step
             sums = train_epoch(stage, progress, bar)
             end_epoch(stage, progress, sums, bar)
             stop = ddp_agreed_stop(device)
@@ -340,13 +358,7 @@ def train_stage(name, cfg, dataset, device, out_dir, teacher=None, teacher_diges
                 bar.close()
                 raise Interrupted(stop)
         bar.close()
-        metrics = finish_stage(stage, progress)
-    finally:
-        STOP["training"] = False
-    stop = ddp_agreed_stop(device)
-    if stop is not None:  # asked while the stage was tested and saved: it is saved, stop now
-        raise Interrupted(stop)
-    return metrics
+        return finish_stage(stage, progress)  # a signal while it is tested and saved stops the run once it is saved
 
 
 def restore(stage, state):
@@ -831,7 +843,8 @@ def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0])
     device, out_dir = set_up(cfg)
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], GIT_STATE)
-    dataset = load_data(cfg, device, out_dir)
+    with signals_held("finishing loading the data (a download cut short would leave a corrupt archive)", device):
+        dataset = load_data(cfg, device, out_dir)
     todo, finished = plan(cfg, dataset, device, out_dir)
     results = {stage: kept_metrics(saved) for stage, saved in finished.items()}
     teacher = digest = None
@@ -864,22 +877,22 @@ if __name__ == "__main__":
     try:
         main()
     except Interrupted as stop:
-        saved = (
-            "progress is saved. Continue with: " + resume_command()
-            if stop.saved
-            else "the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
-            "--fresh and a lower --lr"
-        )
+        if not stop.saved:
+            saved = ("the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
+                     "--fresh and a lower --lr")  # fmt: skip
+        elif STOP["trained"]:
+            saved = f"progress is saved. Continue with: {resume_command()}"
+        else:
+            saved = f"nothing was trained yet. Run it again with: {resume_command()}"
         if master_process:  # in a torchrun job, the master tells the user how to go on
             sys.stderr.write(f"{prog}: stopped by {stop}; {saved}\n")
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:  # see request_stop; a .last.pt is from the end of an epoch or earlier
         signum = STOP["signal"] or signal.SIGINT
         if master_process:
-            sys.stderr.write(
-                f"{prog}: stopped at once by {signal.Signals(signum).name}; continue from what is saved "
-                f"with: {resume_command()}\n"
-            )
+            go_on = "continue from what is saved" if STOP["trained"] else "nothing was trained yet; run it again"
+            sys.stderr.write(f"{prog}: stopped at once by {signal.Signals(signum).name}; {go_on} with: "
+                             f"{resume_command()}\n")  # fmt: skip
         sys.exit(128 + signum)
     except (data.DataError, TrainingError) as error:
         sys.stderr.write(f"{prog}: error: {error}\n")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -226,16 +227,21 @@ def interrupt_when(module, function, *args):
 
 def test_ctrl_c_outside_the_training_steps_exits_130_keeping_what_is_saved(tiny_cifar, tmp_path):
     args = ["--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher"]
+    typed = f"python3 train.py {shlex.join(map(str, args))}"
     folder = tmp_path / "cifar10"
     saving = interrupt_when("checkpoint", "save", *args)  # as the finished stage is saved: saved, then stopped
-    assert_one_line_error(saving, "stopped by SIGINT; progress is saved", "--resume", code=130)
+    assert_one_line_error(saving, "stopped by SIGINT; progress is saved. Continue with:", "--resume", code=130)
     assert (folder / "teacher.pt").exists() and not (folder / "teacher.last.pt").exists()
     saved = (folder / "teacher.pt").read_bytes()
-    for module, function in (("report", "write_results"), ("data", "load")):  # the report; data, nothing to train
-        result = interrupt_when(module, function, *args)
-        assert_one_line_error(result, "stopped at once by SIGINT", "--resume", code=130)
-        assert (folder / "teacher.pt").read_bytes() == saved
+    reporting = interrupt_when("report", "write_results", *args)  # at once; the stage was kept, not trained
+    assert_one_line_error(reporting, f"stopped at once by SIGINT; nothing was trained yet; run it again with: {typed}",
+                          code=130)  # fmt: skip
     assert not (folder / "results.md").exists()
+    loading = interrupt_when("data", "load", *args, "--fresh")  # once the data has loaded (a download is not cut)
+    assert_one_line_error(loading, f"stopped by SIGINT; nothing was trained yet. Run it again with: {typed} --fresh",
+                          code=130)  # fmt: skip
+    assert "SIGINT: finishing loading the data" in loading.stdout and "data: cifar10 from" in loading.stdout
+    assert (folder / "teacher.pt").read_bytes() == saved
 
 
 def replace_teacher(path):
