@@ -92,11 +92,8 @@ LEGACY_TORCH_START = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 def _written_by_torch(path):
     """Whether the file begins as every file torch.save writes does."""
-    try:
-        with open(path, "rb") as file:
-            start = file.read(len(LEGACY_TORCH_START))
-    except OSError:
-        return False
+    with open(path, "rb") as file:
+        start = file.read(len(LEGACY_TORCH_START))
     return start.startswith(b"PK\x03\x04") or start == LEGACY_TORCH_START
 
 
@@ -111,6 +108,8 @@ def read(path, expected):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
+    except OSError as error:  # a file that cannot be read (permissions, I/O) is not judged by its content
+        raise ValueError(f"cannot read it ({error.strerror or error})") from None
     except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file...
         if not _written_by_torch(path):
             raise ValueError(f"not {expected} (not a torch file)") from None

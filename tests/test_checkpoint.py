@@ -50,3 +50,8 @@ def test_unreadable_files_get_a_short_reason_without_torchs_advice(tmp_path):
     torch.save({"step": np.float64(1.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match=r"\(it holds Python objects that a safe load refuses to build\)$"):
         checkpoint.load(tmp_path / "legacy.pt")
+    # a file the system cannot read is said to be so, not judged by a content never read (which for a
+    # .last.pt would invite deleting the progress)
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(ValueError, match=r"^cannot read it \(Is a directory\)$"):
+        checkpoint.load(tmp_path / "folder.pt")
