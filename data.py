@@ -165,6 +165,13 @@ def decode_split(split, per_class, size, channels):
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
 
 
+def listed(names, limit=5):
+    """`names` joined by commas: the first `limit` of them and a count of the
+    rest, so that a tree of a thousand classes still gets a one-line error."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def tree_files(train, held_out):
     """The class names of an image tree and, for train/ and the held-out
     split, the image files of each class, from directory listings alone.
@@ -183,8 +190,8 @@ def tree_files(train, held_out):
     ]
     if unknown:
         raise DataError(
-            f"{held_out} has class folders that {train} lacks: {', '.join(unknown)}; rename each to match its "
-            f"train/ class, or give it training images in {train}"
+            f"{held_out} has class folders that {train} lacks: {listed(unknown)}; rename each to match its "
+            f"train/ class, remove it, or give it training images in {train}"
         )
     files = {
         split: [list_images(split / c) if (split / c).is_dir() else [] for c in classes] for split in (train, held_out)
@@ -192,11 +199,10 @@ def tree_files(train, held_out):
     for split, per_class in files.items():
         empty = [c for c, found in zip(classes, per_class) if not found]
         if empty:
-            them = "them" if len(empty) > 1 else "it"
-            kind, fix = ("training", them) if split == train else ("held-out", f"{them} from {train}")
+            kind, plural = "training" if split == train else "held-out", "es" * (len(empty) > 1)
             raise DataError(
-                f"no {kind} images for class{'es' * (len(empty) > 1)} {', '.join(empty)} (no image files in "
-                f"{', '.join(str(split / c) for c in empty)}); add some there, or remove {fix}"
+                f"no {kind} images for class{plural} {listed(empty)} (no image files in {split}/<class>/); add "
+                f"some there, or remove the class{plural} from both {train} and {held_out}"
             )
     return classes, files[train], files[held_out]
 

@@ -157,14 +157,16 @@ def test_corrupt_image_in_tree_is_named(tmp_path):
 
 
 TREE_MISTAKES = {  # mistake -> what the error says, {root} standing for the tree
-    "empty train class": "no training images for class bird (no image files in {root}/train/bird); add some there, "
-    "or remove it",
+    "empty train class": "no training images for class bird (no image files in {root}/train/<class>/); add some "
+    "there, or remove the class from both {root}/train and {root}/test",
     "class only in test": "{root}/test has class folders that {root}/train lacks: zebra; rename each to match its "
-    "train/ class, or give it training images in {root}/train",
+    "train/ class, remove it, or give it training images in {root}/train",
+    "classes only in test, many": "{root}/test has class folders that {root}/train lacks: z0, z1, z2, z3, z4 and 2 "
+    "more; rename",
     "class spelt otherwise in test": "{root}/test has class folders that {root}/train lacks: Cat ({root}/train has "
     "'cat'; names are case-sensitive)",
-    "class missing from test": "no held-out images for classes dog, fish (no image files in {root}/test/dog, "
-    "{root}/test/fish); add some there, or remove them from {root}/train",
+    "class missing from test": "no held-out images for classes dog, fish (no image files in {root}/test/<class>/); "
+    "add some there, or remove the classes from both {root}/train and {root}/test",
 }
 
 
@@ -178,6 +180,9 @@ def test_splits_that_disagree_on_the_classes_are_refused_before_decoding(tmp_pat
     elif mistake == "class only in test":
         (root / "test" / "zebra").mkdir()
         shutil.copy(root / "test" / "cat" / "0000.png", root / "test" / "zebra")
+    elif mistake == "classes only in test, many":  # named five at most: the error stays one readable line
+        for name in [f"z{i}" for i in range(7)]:
+            (root / "test" / name).mkdir()
     elif mistake == "class spelt otherwise in test":
         (root / "test" / "cat").rename(root / "test" / "Cat")
     else:
