@@ -127,6 +127,7 @@ import argparse  # noqa: E402
 import importlib  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -224,6 +225,24 @@ def fail(flag_name, message, prog=None):
     """Print a one-line configuration error naming the flag, and exit with 2."""
     sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: error: argument --{flag_name}: {message}\n")
     raise SystemExit(2)
+
+
+def how_to_train(dataset, out_dir):
+    """The train.py command that writes OUT_DIR/<dataset>/distilled.pt, the
+    default checkpoint of predict.py and export.py, for their message on a
+    missing one. train.py takes only the names of data.DATASETS, reads a
+    folder dataset from --data-dir, and writes under its own default OUT_DIR
+    unless told."""
+    datasets = importlib.import_module("data").DATASETS
+    if dataset not in datasets:
+        return (f"{dataset!r} is not a dataset train.py trains ({', '.join(datasets)}; a tree of your own "
+                f"images is 'folder'): give one of these to --dataset, or --checkpoint PATH")  # fmt: skip
+    command = f"python3 train.py --dataset {dataset}"
+    if dataset == "folder":
+        command += " --data-dir <folder holding train/<class>/ and test/<class>/>"
+    if Path(out_dir) != Path(OUT_DIR):
+        command += f" --out-dir {shlex.quote(str(out_dir))}"
+    return f"train one with: {command}"
 
 
 def _tuple_type(name, default):

@@ -278,17 +278,10 @@ def add_arguments(parser):
 
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0], names=["OUT_DIR", "DATASET"], extra=add_arguments)
-    default_used = cfg["checkpoint"] is None
     path = Path(cfg["checkpoint"] or Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt")
     if not path.is_file():
-        usage_error(
-            f"no checkpoint at {path}; "
-            + (
-                f"train one with: python3 train.py --dataset {cfg['DATASET']}"
-                if default_used
-                else "check the path given to --checkpoint"
-            )
-        )
+        how = config.how_to_train(cfg["DATASET"], cfg["OUT_DIR"]) if cfg["checkpoint"] is None else None
+        usage_error(f"no checkpoint at {path}; {how or 'check the path given to --checkpoint'}")
     suffix = SUFFIXES[cfg["format"]]
     out = Path(cfg["out"] or path.with_suffix(suffix))
     if out.suffix != suffix:

@@ -20,7 +20,6 @@ usage error (bad flag, missing or unusable checkpoint).
 """
 
 import json
-import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -76,22 +75,6 @@ def default_checkpoint(out_dir, dataset):
                         f"pick one with --dataset NAME or --checkpoint PATH")  # fmt: skip
         dataset = found[0] if found else config.DATASET
     return Path(out_dir) / dataset / "distilled.pt", dataset
-
-
-def how_to_train(dataset, out_dir):
-    """The train.py command that writes OUT_DIR/<dataset>/distilled.pt, for
-    the message on a missing one. train.py takes only the names of
-    data.DATASETS, reads a folder dataset from --data-dir, and writes under
-    its own default OUT_DIR unless told."""
-    if dataset not in data.DATASETS:
-        return (f"{dataset!r} is not a dataset train.py trains ({', '.join(data.DATASETS)}; a tree of your own "
-                f"images is 'folder'): give one of these to --dataset, or --checkpoint PATH")  # fmt: skip
-    command = f"python3 train.py --dataset {dataset}"
-    if dataset == "folder":
-        command += " --data-dir <folder holding train/<class>/ and test/<class>/>"
-    if Path(out_dir) != Path(config.OUT_DIR):
-        command += f" --out-dir {shlex.quote(str(out_dir))}"
-    return f"train one with: {command}"
 
 
 def load_model(path, how, device):
@@ -223,7 +206,7 @@ def main(argv=None):
         path, how = cfg["checkpoint"], "check the path given to --checkpoint"
     else:
         path, dataset = default_checkpoint(cfg["OUT_DIR"], cfg["dataset"])
-        how = how_to_train(dataset, cfg["OUT_DIR"])
+        how = config.how_to_train(dataset, cfg["OUT_DIR"])
     model, checkpoint = load_model(path, how, device)
     classes = checkpoint["classes"]
     items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])

@@ -136,7 +136,8 @@ def test_a_model_changed_after_export_fails_the_check_and_leaves_no_file(trained
 def test_usage_errors_are_one_line(trained, tmp_path):
     checkpoint, _ = trained
     result = run_script("export.py", "--out-dir", tmp_path, "--dataset", "cifar100")
-    assert_one_line_error(result, "no checkpoint at", "python3 train.py --dataset cifar100", code=2)
+    assert_one_line_error(result, "no checkpoint at", f"python3 train.py --dataset cifar100 --out-dir {tmp_path}",
+                          code=2)  # fmt: skip
     result = run_script("export.py", "--checkpoint", checkpoint, "--out", tmp_path / "model.pt2")
     assert_one_line_error(result, "--out", "must end in .onnx", code=2)
     result = run_script("export.py", "--checkpoint", checkpoint, "--out", tmp_path / "nowhere" / "m.onnx")
