@@ -244,13 +244,16 @@ BENCH_SETTINGS = ["DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "METHO
 
 def load_images(cfg, needed):
     """The dataset of DATA_DIR when that folder exists, else generated images.
-    A folder whose data cannot be read fails now, in one line: measuring on
-    generated images instead would pass off figures that are not the folder's."""
+    A folder without the dataset, or whose data cannot be read, fails now, in
+    one line: measuring on other images would pass off figures that are not
+    the folder's. As in train.py, the bundled CIFAR-10 stands in for the
+    default folder alone."""
     if not Path(cfg["DATA_DIR"]).is_dir():
         return generated_dataset(needed)
     try:
         folder = Path(cfg["OUT_DIR"]) / cfg["DATASET"]
-        return data.load(cfg["DATASET"], cfg["DATA_DIR"], [folder], val_size=0, download=False)
+        fallback = Path(cfg["DATA_DIR"]) == Path(config.DATA_DIR)
+        return data.load(cfg["DATASET"], cfg["DATA_DIR"], [folder], val_size=0, download=False, fallback=fallback)
     except data.DataError as error:
         config.fail("data-dir", str(error))
 

@@ -466,7 +466,7 @@ def load_cifar(name, data_dir, cache_dirs, image_size, download=True, fallback=T
             ) from None
         return _read_cifar_folder(data_dir / folder, name)
     if bundled:
-        return load_bundled_cifar10(data_dir, cache_dirs, "--no-download was given")
+        return load_bundled_cifar10(data_dir, cache_dirs, "downloads are off")
     raise DataError(f"no {name} data in {data_dir}: put {CIFAR_ARCHIVES[name]} there, or point --data-dir at it")
 
 

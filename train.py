@@ -703,8 +703,8 @@ def load_data(cfg, device, out_dir):
         if cfg["DATASET"] == "folder":
             config.fail("data-dir", f"{folder} does not exist; point it at the image tree of --dataset folder")
         if not cfg["DOWNLOAD"] and (cfg["DATASET"] == "cifar100" or not default):
-            config.fail("data-dir", f"{folder} does not exist; point it at the {cfg['DATASET']} data, or leave "
-                        f"out --no-download to download it into {folder}")  # fmt: skip
+            config.fail("data-dir", f"{folder} does not exist; point it at the {cfg['DATASET']} data, or pass "
+                        f"--download to download it into {folder}")  # fmt: skip
     with in_turns():
         dataset = data.load(
             cfg["DATASET"],

@@ -31,7 +31,7 @@ def test_empty_data_dir_without_download_loads_the_bundled_copy_and_says_so(out_
     assert dataset.source == f"{data.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo)"
     line = capsys.readouterr().out.strip()
     assert line == (
-        f"data: no CIFAR-10 in {empty}/ and --no-download was given, so this run uses the copy bundled "
+        f"data: no CIFAR-10 in {empty}/ and downloads are off, so this run uses the copy bundled "
         f"with the repo, {data.BUNDLED_CIFAR10}: JPEG at quality about 75, expect accuracies a few tenths "
         f"of a point below the lossless original, which is used instead once cifar-10-python.tar.gz is "
         f"in {empty}/"
@@ -62,7 +62,7 @@ def test_train_py_without_a_data_folder_or_network_uses_the_bundled_copy(out_dir
     assert_one_line_error(result, "--crop-padding", code=2)
     lines = result.stdout.splitlines()
     assert lines[0].startswith(
-        "data: no CIFAR-10 in data/ and --no-download was given, so this run uses the copy bundled with the repo"
+        "data: no CIFAR-10 in data/ and downloads are off, so this run uses the copy bundled with the repo"
     )
     assert lines[1] == (
         f"data: cifar10 from {data.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo): 10 classes, "
@@ -79,7 +79,7 @@ def test_a_named_data_dir_that_does_not_exist_is_refused_without_download(tmp_pa
     assert_one_line_error(result, code=2)
     assert result.stderr == (
         f"train.py: error: argument --data-dir: {missing} does not exist; point it at the {dataset} data, or "
-        f"leave out --no-download to download it into {missing}\n"
+        f"pass --download to download it into {missing}\n"
     )
     assert result.stdout == "" and not missing.exists()
 

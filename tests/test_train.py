@@ -69,7 +69,7 @@ def test_distilled_alone_trains_the_missing_teacher_first(tmp_path):
 
 
 def test_missing_data_is_one_line_naming_where_and_how(tmp_path):
-    (tmp_path / "empty").mkdir()  # (cifar10 would fall back to the bundled copy: tests/test_bundled.py)
+    (tmp_path / "empty").mkdir()  # (cifar10 would not fall back either: tests/test_bundled.py)
     result = run_script("train.py", "--dataset", "cifar100", "--data-dir", tmp_path / "empty", "--out-dir",
                         tmp_path / "out", "--no-download", *FAST)  # fmt: skip
     assert_one_line_error(result, "empty", "cifar-100-python.tar.gz", "--data-dir", code=1)
