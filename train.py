@@ -164,14 +164,19 @@ def signals_held(what, device):
 
 
 def resume_command():
-    """The command that goes on after a stop: with --resume once a stage has
-    trained (it continues from what is saved), else the command as typed (a
-    --fresh run has retrained nothing yet)."""
-    if not STOP["trained"]:
-        return shlex.join(["python3", Path(sys.argv[0]).name, *sys.argv[1:]])
     args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
     command = shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
     return command + (" (through the same torchrun command)" if ddp else "")
+
+
+def how_to_go_on():
+    """After a stop: continue with --resume once a stage has trained in this
+    run; before that, run the command as typed (a --fresh run has retrained
+    nothing yet, and --resume would keep what it meant to retrain)."""
+    if STOP["trained"]:
+        return f"progress is saved. Continue with: {resume_command()}"
+    typed = shlex.join(["python3", Path(sys.argv[0]).name, *sys.argv[1:]])
+    return f"nothing was trained yet. Run it again with: {typed}"
 
 
 # ---------------------------------------------------------------- one stage
@@ -877,22 +882,19 @@ if __name__ == "__main__":
     try:
         main()
     except Interrupted as stop:
-        if not stop.saved:
-            saved = ("the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
-                     "--fresh and a lower --lr")  # fmt: skip
-        elif STOP["trained"]:
-            saved = f"progress is saved. Continue with: {resume_command()}"
-        else:
-            saved = f"nothing was trained yet. Run it again with: {resume_command()}"
+        saved = (
+            how_to_go_on()
+            if stop.saved
+            else "the loss had diverged, so nothing was saved over earlier progress; start the stage over with "
+            "--fresh and a lower --lr"
+        )
         if master_process:  # in a torchrun job, the master tells the user how to go on
             sys.stderr.write(f"{prog}: stopped by {stop}; {saved}\n")
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:  # see request_stop; a .last.pt is from the end of an epoch or earlier
         signum = STOP["signal"] or signal.SIGINT
         if master_process:
-            go_on = "continue from what is saved" if STOP["trained"] else "nothing was trained yet; run it again"
-            sys.stderr.write(f"{prog}: stopped at once by {signal.Signals(signum).name}; {go_on} with: "
-                             f"{resume_command()}\n")  # fmt: skip
+            sys.stderr.write(f"{prog}: stopped at once by {signal.Signals(signum).name}; {how_to_go_on()}\n")
         sys.exit(128 + signum)
     except (data.DataError, TrainingError) as error:
         sys.stderr.write(f"{prog}: error: {error}\n")

@@ -234,7 +234,7 @@ def test_ctrl_c_outside_the_training_steps_exits_130_keeping_what_is_saved(tiny_
     assert (folder / "teacher.pt").exists() and not (folder / "teacher.last.pt").exists()
     saved = (folder / "teacher.pt").read_bytes()
     reporting = interrupt_when("report", "write_results", *args)  # at once; the stage was kept, not trained
-    assert_one_line_error(reporting, f"stopped at once by SIGINT; nothing was trained yet; run it again with: {typed}",
+    assert_one_line_error(reporting, f"stopped at once by SIGINT; nothing was trained yet. Run it again with: {typed}",
                           code=130)  # fmt: skip
     assert not (folder / "results.md").exists()
     loading = interrupt_when("data", "load", *args, "--fresh")  # once the data has loaded (a download is not cut)
