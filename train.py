@@ -738,9 +738,10 @@ def load_data(cfg, device, out_dir):
 
 def plan(cfg, dataset, device, out_dir):
     """What to run: the stages to train (each with its saved progress, or
-    None) and the finished checkpoints to reuse. A saved stage whose settings
-    differ from this run's is never reused: it stops the run when it is asked
-    for (or needed as the teacher), and is left out of the results otherwise."""
+    None), the finished checkpoints to reuse, and the saved stages left out
+    with what differs. A saved stage whose settings differ from this run's is
+    never reused: it stops the run when it is asked for (or needed as the
+    teacher), and is left out of the results otherwise."""
     brought = cfg["TEACHER_CHECKPOINT"]  # a teacher brought along is not trained
     if brought and not Path(brought).is_file():
         config.fail("teacher-checkpoint", f"{brought}: no such file; give the path of a teacher checkpoint")
@@ -773,7 +774,7 @@ def plan(cfg, dataset, device, out_dir):
     teacher_digest = checkpoint.file_digest(teacher_file) if brought or "teacher" in finished else None
     todo = {stage: load_unfinished(out_dir, stage, cfg, device, teacher_digest if stage == "distilled" else None)
             for stage in requested if stage not in finished}  # fmt: skip
-    return todo, finished
+    return todo, finished, {stage: changed for stage, changed in stale.items() if stage not in todo}
 
 
 def data_sources(rows):
@@ -803,6 +804,13 @@ def provenance_lines(rows):
     )
 
 
+def left_out_line(left_out):
+    """For results.md: the saved stages that the table leaves out, being of
+    other settings, with what differs; or ""."""
+    stages = "; ".join(f"{stage}.pt ({', '.join(changed)})" for stage, changed in left_out.items())
+    return f"left out, saved with other settings: {stages}\n" if stages else ""
+
+
 def brought_teacher(cfg, dataset, device):
     """The teacher of --teacher-checkpoint, its file's digest and its metrics
     (test accuracy measured here, by the master process alone: the others get
@@ -828,16 +836,19 @@ def brought_teacher(cfg, dataset, device):
     return model, checkpoint.file_digest(path), metrics
 
 
-def write_results(cfg, results, kept, out_dir, dataset, run, teacher):
+def write_results(cfg, results, kept, left_out, out_dir, dataset, run, teacher):
     """results.md and results.json: the stages side by side (`kept`: those
-    reused from earlier runs), the distillation's gain, the compression report,
-    the curves and `run` (report.run_info)."""
+    reused from earlier runs; `left_out`: saved stages of other settings, with
+    what differs, named so that a row missing from the table is explained),
+    the distillation's gain, the compression report, the curves and `run`
+    (report.run_info)."""
     rows = {stage: {**results[stage], "kept": stage in kept} for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
-    sources = data_sources(rows) + provenance_lines(rows)
+    sources = data_sources(rows) + provenance_lines(rows) + left_out_line(left_out)
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
           f"{sources}")  # fmt: skip
-    summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows), "run": run}
+    summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows),
+               "left_out": left_out, "run": run}  # fmt: skip
     brought = cfg["TEACHER_CHECKPOINT"]
     files = {stage: Path(brought) if stage == "teacher" and brought else out_dir / f"{stage}.pt" for stage in rows}
     report.write_results(out_dir, cfg["DATASET"], f"{table}\n{sources}", summary, files,
@@ -850,7 +861,7 @@ def main(argv=None):
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], GIT_STATE)
     with signals_held("finishing loading the data (a download cut short would leave a corrupt archive)", device):
         dataset = load_data(cfg, device, out_dir)
-    todo, finished = plan(cfg, dataset, device, out_dir)
+    todo, finished, left_out = plan(cfg, dataset, device, out_dir)
     results = {stage: kept_metrics(saved) for stage, saved in finished.items()}
     teacher = digest = None
     if cfg["TEACHER_CHECKPOINT"]:
@@ -872,7 +883,7 @@ def main(argv=None):
             report.draw_curves(out_dir, [s for s in STAGES if s in results])
     if master_process:
         report.draw_curves(out_dir, [s for s in STAGES if s in results])
-        write_results(cfg, results, finished, out_dir, dataset, run, teacher)
+        write_results(cfg, results, finished, left_out, out_dir, dataset, run, teacher)
 
 
 if __name__ == "__main__":

@@ -423,7 +423,11 @@ def test_a_distilled_stage_is_refused_against_another_teacher_and_reused_with_it
         "train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST, "--stages", "student"
     )
     assert left_out.returncode == 0 and "distilled.pt was made with other settings; left out" in left_out.stdout
-    assert set(json.loads((out / "cifar10" / "results.json").read_text())["stages"]) == {"teacher", "student"}
+    summary = json.loads((out / "cifar10" / "results.json").read_text())
+    assert set(summary["stages"]) == {"teacher", "student"}
+    assert summary["left_out"] == {"distilled": ["the teacher (another teacher.pt)"]}
+    line = "left out, saved with other settings: distilled.pt (the teacher (another teacher.pt))"
+    assert line in (out / "cifar10" / "results.md").read_text().splitlines()
     # a teacher of other settings that the distilled stage needs is retrained with --fresh
     fresh = run_script("train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST,
                        "--stages", "distilled", "--weight-decay", "0.01", "--fresh")  # fmt: skip
