@@ -115,13 +115,16 @@ def expand(paths, recursive, evaluate):
 
 def refuse_whole_dataset(paths):
     """--evaluate labels each image by its folder, so a dataset folder given
-    whole would score its training images too: it is refused, naming the
+    whole, or a folder holding one (data/ with data/cifar10-jpeg/train/ in
+    it), would score its training images too: it is refused, naming the
     held-out split to give instead."""
-    for raw in paths:
-        if data.is_image_tree(raw):
-            held_out = data.held_out_folder(raw)
-            usage_error(f"{raw} is a whole dataset (train/ and {held_out.name}/): --evaluate on it would count the "
-                        f"training images; give {held_out}, the held-out images")  # fmt: skip
+    for raw in map(Path, paths):
+        trees = sorted(folder.parent for folder in raw.rglob("train") if data.is_image_tree(folder.parent))
+        if trees:  # the outermost first: raw itself, when it is one
+            where = "is" if trees[0] == raw else f"holds one, {trees[0]}:"
+            held_out = data.held_out_folder(trees[0])
+            usage_error(f"{raw} {where} a whole dataset (train/ and {held_out.name}/): --evaluate on it would count "
+                        f"the training images; give {held_out}, the held-out images")  # fmt: skip
 
 
 def read_image(path, size, channels):

@@ -214,6 +214,8 @@ def test_evaluate_on_a_whole_dataset_folder_points_at_its_held_out_images(traine
     result = predict(checkpoint, tree, "--evaluate")
     assert_one_line_error(result, f"{tree} is a whole dataset", "training images", f"give {tree / 'test'}", code=2)
     assert result.stdout == ""
+    result = predict(checkpoint, tree.parent, "--evaluate")  # a folder holding the dataset, as data/ may
+    assert_one_line_error(result, f"{tree.parent} holds one, {tree}: a whole dataset", f"give {tree / 'test'}", code=2)
 
 
 def test_evaluate_where_no_image_decodes_reports_each_file_and_no_accuracy(trained, tmp_path):
