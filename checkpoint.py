@@ -97,6 +97,11 @@ def _written_by_torch(path):
     return start.startswith(b"PK\x03\x04") or start == LEGACY_TORCH_START
 
 
+class Unreadable(ValueError):
+    """A file the system cannot read: its content is unknown, so the fix is
+    never to delete it."""
+
+
 def read(path, expected):
     """The content of a file torch.save wrote, loaded safely (weights_only).
 
@@ -109,7 +114,7 @@ def read(path, expected):
     except FileNotFoundError:
         raise
     except OSError as error:  # a file that cannot be read (permissions, I/O) is not judged by its content
-        raise ValueError(f"cannot read it ({error.strerror or error})") from None
+        raise Unreadable(f"cannot read it ({error.strerror or error})") from None
     except Exception as error:  # truncated zip, pickle refused by weights_only, not a torch file...
         if not _written_by_torch(path):
             raise ValueError(f"not {expected} (not a torch file)") from None

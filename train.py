@@ -579,7 +579,8 @@ def load_finished(out_dir, stage, cfg, dataset, teacher_digest=None):
     try:
         saved = checkpoint.load(path)
     except ValueError as error:
-        raise TrainingError(f"{path}: {error}; delete it or pass --fresh to retrain") from None
+        fix = "" if isinstance(error, checkpoint.Unreadable) else "; delete it or pass --fresh to retrain"
+        raise TrainingError(f"{path}: {error}{fix}") from None
     if "metrics" not in saved:
         raise TrainingError(f"{path} is not a finished stage of train.py (no metrics); pass --fresh to retrain it")
     changed = config.differences(saved["config"], cfg, stage)
@@ -619,7 +620,8 @@ def load_unfinished(out_dir, stage, cfg, device, teacher_digest=None):
     try:
         state = checkpoint.load_progress(path)
     except ValueError as error:
-        raise TrainingError(f"{path}: {error}; delete it or pass --fresh", exit_code=2) from None
+        fix = "" if isinstance(error, checkpoint.Unreadable) else "; delete it or pass --fresh"
+        raise TrainingError(f"{path}: {error}{fix}", exit_code=2) from None
     changed = config.differences(state["config"], cfg, stage)
     if stage == "distilled" and state["teacher"] != teacher_digest:
         changed.append("the teacher (another teacher.pt)")
@@ -766,7 +768,9 @@ def plan(cfg, dataset, device, out_dir):
         if stage in stale and stage in requested and not cfg["FRESH"]:  # with --fresh it is retrained
             raise TrainingError(f"{path} was made with other settings ({'; '.join(stale[stage])}); pass --fresh to "
                                 f"retrain it, or choose another --out-dir", exit_code=2)  # fmt: skip
-        if stage in stale:
+        if stage in stale and stage in requested:  # with --fresh (a teacher the distilled stage needs)
+            print(f"{stage}: {path} was made with other settings; retraining it (--fresh)")
+        elif stage in stale:
             print(f"{stage}: {path} was made with other settings; left out of the results")
         elif stage in finished and stage in requested:
             print(f"{stage}: {path} exists (test accuracy {finished[stage]['metrics']['test_acc']:.2%}); "

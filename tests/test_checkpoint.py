@@ -53,5 +53,5 @@ def test_unreadable_files_get_a_short_reason_without_torchs_advice(tmp_path):
     # a file the system cannot read is said to be so, not judged by a content never read (which for a
     # .last.pt would invite deleting the progress)
     (tmp_path / "folder.pt").mkdir()
-    with pytest.raises(ValueError, match=r"^cannot read it \(Is a directory\)$"):
+    with pytest.raises(checkpoint.Unreadable, match=r"^cannot read it \(Is a directory\)$"):
         checkpoint.load(tmp_path / "folder.pt")

@@ -165,6 +165,8 @@ TREE_MISTAKES = {  # mistake -> what the error says, {root} standing for the tre
     "more; rename",
     "class spelt otherwise in test": "{root}/test has class folders that {root}/train lacks: Cat ({root}/train has "
     "'cat'; names are case-sensitive)",
+    "images loose in test": "{root}/test has no class folders; sort its images into {root}/test/<class>/, with the "
+    "class folders of {root}/train",
     "class missing from test": "no held-out images for classes dog, fish (no image files in {root}/test/<class>/); "
     "add some there, or remove the classes from both {root}/train and {root}/test",
 }
@@ -183,6 +185,11 @@ def test_splits_that_disagree_on_the_classes_are_refused_before_decoding(tmp_pat
     elif mistake == "classes only in test, many":  # named five at most: the error stays one readable line
         for name in [f"z{i}" for i in range(7)]:
             (root / "test" / name).mkdir()
+    elif mistake == "images loose in test":  # as ImageNet's val/ comes
+        for folder in list((root / "test").iterdir()):
+            for image in folder.iterdir():
+                image.rename(root / "test" / f"{folder.name}-{image.name}")
+            folder.rmdir()
     elif mistake == "class spelt otherwise in test":
         (root / "test" / "cat").rename(root / "test" / "Cat")
     else:

@@ -433,6 +433,7 @@ def test_a_distilled_stage_is_refused_against_another_teacher_and_reused_with_it
                        "--stages", "distilled", "--weight-decay", "0.01", "--fresh")  # fmt: skip
     assert fresh.returncode == 0 and "training the teacher first" not in fresh.stdout, fresh.stderr[-2000:]
     assert "== teacher:" in fresh.stdout and "== distilled:" in fresh.stdout
+    assert f"teacher: {out / 'cifar10' / 'teacher.pt'} was made with other settings; retraining it" in fresh.stdout
 
 
 def test_a_kept_stage_of_older_code_leaves_its_old_speed_metrics_out_of_the_results(finished_run, tmp_path):
