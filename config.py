@@ -16,7 +16,7 @@ STUDENT = "airnet_xs"  # student model, a name from models.MODELS
 TEACHER_CHECKPOINT = ""  # distil from this teacher file (train.py's .pt, or a state dict of --teacher) instead
 STAGES = "teacher,student,distilled"  # stages to run, in this order
 FRESH = False  # retrain stages whose checkpoint already exists, and start unfinished ones over
-RESUME = False  # continue unfinished stages from their <stage>.last.pt
+RESUME = False  # continue unfinished stages from their <stage>.last.pt (with FRESH: a retrain stopped part-way)
 METHOD = "kd"  # distillation method, a name from distill.METHODS
 
 # optimisation: AdamW, a linear warm-up, then a linear decay to zero, stepped per batch

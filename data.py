@@ -24,8 +24,10 @@ import functools
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import tarfile
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -441,6 +443,19 @@ def _read_cifar_archive(path, name):
         raise DataError(f"{path}: corrupt or unreadable archive ({error}); delete it or download it again") from None
 
 
+def download_whole(download, data_dir, files):
+    """Run a torchvision `download(root)` in a hidden temporary folder of
+    data_dir, then move `files` (paths within it) into data_dir: a download
+    cut short (Ctrl-C, a lost connection) leaves nothing there that a later
+    run would take for the dataset."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as root:
+        download(root)
+        for file in files:
+            (Path(data_dir) / file).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(root) / file, Path(data_dir) / file)
+
+
 def load_cifar(name, data_dir, cache_dirs, image_size, download=True, fallback=True):
     data_dir = Path(data_dir)
     folder = CIFAR_LAYOUTS[name][0]
@@ -457,7 +472,7 @@ def load_cifar(name, data_dir, cache_dirs, image_size, download=True, fallback=T
 
         dataset_class = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
         try:
-            dataset_class(str(data_dir), train=True, download=True)
+            download_whole(lambda root: dataset_class(root, train=True, download=True), data_dir, [archive.name])
         except Exception as error:
             reason = str(error).splitlines()[0][:120]
             if bundled:
@@ -467,7 +482,7 @@ def load_cifar(name, data_dir, cache_dirs, image_size, download=True, fallback=T
                 f"Put {CIFAR_ARCHIVES[name]} (or its extracted {folder}/, or a train/<class>/ + test/<class>/ "
                 f"image tree) in {data_dir}, or point --data-dir at it"
             ) from None
-        return _read_cifar_folder(data_dir / folder, name)
+        return _read_cifar_archive(archive, name)
     if bundled:
         return load_bundled_cifar10(data_dir, cache_dirs, "downloads are off")
     raise DataError(f"no {name} data in {data_dir}: put {CIFAR_ARCHIVES[name]} there, or point --data-dir at it")
@@ -551,9 +566,13 @@ def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True, fa
     if download:
         import torchvision
 
+        def both_splits(root):
+            torchvision.datasets.FashionMNIST(root, train=True, download=True)
+            torchvision.datasets.FashionMNIST(root, train=False, download=True)
+
         try:
-            torchvision.datasets.FashionMNIST(str(data_dir), train=True, download=True)
-            torchvision.datasets.FashionMNIST(str(data_dir), train=False, download=True)
+            raw = [f"FashionMNIST/raw/{stem}.gz" for stem in FASHION_MNIST_FILES.values()]
+            download_whole(both_splits, data_dir, raw)
         except Exception as error:
             raise DataError(
                 f"no Fashion-MNIST IDX files in {looked} and the download failed "

@@ -132,15 +132,16 @@ class Interrupted(Exception):
 
 
 # set by the signal handler, read by the training loop after every step. "held": what is finished before a
-# signal is obeyed (None: nothing, it stops at once); "trained": whether a stage began training in this run
-STOP = {"signal": None, "held": None, "trained": False}
+# signal is obeyed (None: nothing, it stops at once); "trained": whether a stage began training in this run;
+# "retrain": the stages a --fresh run has still to retrain
+STOP = {"signal": None, "held": None, "trained": False, "retrain": []}
 
 
 def request_stop(signum, frame):
     """While a stage trains, stop it after the current step with its progress
-    saved; while the data loads, once it has loaded (a download cut short
-    would leave a corrupt archive). A second signal, or one elsewhere (the
-    compression report), stops at once: what is saved is kept either way."""
+    saved. A second signal, or one outside training (loading data, the
+    compression report), stops at once: what is saved is kept either way, and
+    data.download_whole leaves no download cut short."""
     if STOP["signal"] is not None or STOP["held"] is None:
         STOP["signal"] = STOP["signal"] or signum
         raise KeyboardInterrupt
@@ -163,20 +164,32 @@ def signals_held(what, device):
         raise Interrupted(stop)
 
 
-def resume_command():
-    args = [a for a in sys.argv[1:] if a not in ("--resume", "--fresh")]
-    command = shlex.join(["python3", Path(sys.argv[0]).name, *args, "--resume"])
-    return command + (" (through the same torchrun command)" if ddp else "")
+def command(args):
+    return shlex.join(["python3", Path(sys.argv[0]).name, *args]) + (
+        " (through the same torchrun command)" if ddp else ""
+    )
+
+
+def resume_command(retrain=()):
+    """This run's command with --resume (unfinished stages continue from their
+    .last.pt); with `retrain`, only those stages, with --fresh as well: a
+    --fresh run's stages retrained where their retraining stopped, not their
+    old checkpoints kept."""
+    args, value_of_stages = [], False
+    for arg in sys.argv[1:]:
+        if not (value_of_stages or arg in ("--resume", "--fresh") or retrain and arg.startswith("--stages")):
+            args.append(arg)
+        value_of_stages = bool(retrain) and arg == "--stages"
+    return command([*args, *(["--stages", ",".join(retrain), "--fresh"] if retrain else []), "--resume"])
 
 
 def how_to_go_on():
-    """After a stop: continue with --resume once a stage has trained in this
-    run; before that, run the command as typed (a --fresh run has retrained
-    nothing yet, and --resume would keep what it meant to retrain)."""
+    """After a stop, what to run: --resume once a stage has trained in this
+    run (see resume_command for a --fresh run); before that, the command as
+    typed, which has done nothing yet."""
     if STOP["trained"]:
-        return f"progress is saved. Continue with: {resume_command()}"
-    typed = shlex.join(["python3", Path(sys.argv[0]).name, *sys.argv[1:]])
-    return f"nothing was trained yet. Run it again with: {typed}"
+        return f"progress is saved. Continue with: {resume_command(STOP['retrain'])}"
+    return f"nothing was trained yet. Run it again with: {command(sys.argv[1:])}"
 
 
 # ---------------------------------------------------------------- one stage
@@ -363,7 +376,9 @@ def train_stage(name, cfg, dataset, device, out_dir, teacher=None, teacher_diges
                 bar.close()
                 raise Interrupted(stop)
         bar.close()
-        return finish_stage(stage, progress)  # a signal while it is tested and saved stops the run once it is saved
+        metrics = finish_stage(stage, progress)  # a signal while it is tested and saved stops the run once saved
+        STOP["retrain"] = [s for s in STOP["retrain"] if s != name]
+        return metrics
 
 
 def restore(stage, state):
@@ -603,13 +618,13 @@ def load_unfinished(out_dir, stage, cfg, device, teacher_digest=None):
     """The saved progress of an unfinished stage (its .last.pt), or None.
 
     It is used only with --resume, and must come from the same settings (and
-    the same teacher, see load_finished); with --fresh it is ignored and later
-    overwritten; otherwise it stops the run, so that no progress is lost by
-    accident."""
+    the same teacher, see load_finished); with --fresh alone it is ignored and
+    later overwritten; otherwise it stops the run, so that no progress is lost
+    by accident."""
     path = out_dir / f"{stage}.last.pt"
     if not path.exists() and cfg["RESUME"]:
         print(f"nothing to resume for {stage} (no {path}); training it from the start")
-    if not path.exists() or cfg["FRESH"]:
+    if not path.exists() or cfg["FRESH"] and not cfg["RESUME"]:
         return None
     if not cfg["RESUME"]:
         raise TrainingError(
@@ -674,8 +689,6 @@ def distillation_gain(rows):
 def set_up(cfg):
     """Check the settings that need no data, join the torchrun job and set up
     the device; returns the device and the output folder."""
-    if cfg["RESUME"] and cfg["FRESH"]:
-        config.fail("resume", "--resume continues unfinished stages and --fresh starts them over; pick one")
     device = ddp_init(runtime.device(cfg["DEVICE"]))
     if cfg["BATCH_SIZE"] % ddp_world_size:  # DDP averages the processes' gradients with equal weights
         config.fail(
@@ -863,8 +876,7 @@ def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0])
     device, out_dir = set_up(cfg)
     run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], GIT_STATE)
-    with signals_held("finishing loading the data (a download cut short would leave a corrupt archive)", device):
-        dataset = load_data(cfg, device, out_dir)
+    dataset = load_data(cfg, device, out_dir)
     todo, finished, left_out = plan(cfg, dataset, device, out_dir)
     results = {stage: kept_metrics(saved) for stage, saved in finished.items()}
     teacher = digest = None
@@ -872,6 +884,7 @@ def main(argv=None):
         teacher, digest, results["teacher"] = brought_teacher(cfg, dataset, device)
     elif "distilled" in todo and "teacher" in finished:  # check the saved teacher now, not after the other stages
         teacher, digest = saved_teacher(out_dir, finished["teacher"])
+    STOP["retrain"] = list(todo) if cfg["FRESH"] else []
     for stage, resume in todo.items():
         distilled = stage == "distilled"
         try:

@@ -322,3 +322,26 @@ def test_train_batches_continue_exactly_from_a_saved_position(tmp_path):
     rest = [x for x, _ in data.train_batches(dataset, order, 10, 4, True, restored, start=2)]
     assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(whole[2:], rest))
     assert torch.equal(first_two[0][0], whole[0])
+
+
+def test_a_download_reaches_the_data_folder_whole_or_not_at_all(tmp_path, monkeypatch):
+    import torchvision
+
+    class Complete:  # torchvision's CIFAR10 where the network works: the archive lands in root
+        def __init__(self, root, train, download):
+            write_cifar10(root)
+
+    class CutShort:  # Ctrl-C half-way through the download
+        def __init__(self, root, train, download):
+            with open(os.path.join(root, "cifar-10-python.tar.gz"), "wb") as half:
+                half.write(b"\x1f\x8b\x08 half an archive")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Complete)
+    splits = data.load_cifar("cifar10", tmp_path / "new", [tmp_path / "new"], 32)
+    assert len(splits.train_y) == 60 and splits.classes == CIFAR10_NAMES
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["cifar-10-python.tar.gz"]
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", CutShort)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_cifar("cifar10", tmp_path / "cut", [tmp_path / "cut"], 32, fallback=False)
+    assert list((tmp_path / "cut").iterdir()) == []  # nothing that the next run would take for the dataset

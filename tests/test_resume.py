@@ -237,11 +237,34 @@ def test_ctrl_c_outside_the_training_steps_exits_130_keeping_what_is_saved(tiny_
     assert_one_line_error(reporting, f"stopped at once by SIGINT; nothing was trained yet. Run it again with: {typed}",
                           code=130)  # fmt: skip
     assert not (folder / "results.md").exists()
-    loading = interrupt_when("data", "load", *args, "--fresh")  # once the data has loaded (a download is not cut)
-    assert_one_line_error(loading, f"stopped by SIGINT; nothing was trained yet. Run it again with: {typed} --fresh",
-                          code=130)  # fmt: skip
-    assert "SIGINT: finishing loading the data" in loading.stdout and "data: cifar10 from" in loading.stdout
+    loading = interrupt_when("data", "load", *args, "--fresh")  # as typed: --resume would keep what --fresh retrains
+    assert_one_line_error(loading, f"stopped at once by SIGINT; nothing was trained yet. Run it again with: {typed} "
+                          "--fresh", code=130)  # fmt: skip
     assert (folder / "teacher.pt").read_bytes() == saved
+
+
+def test_a_fresh_retrain_stopped_part_way_goes_on_as_a_retrain(tiny_cifar, tmp_path):
+    args = ["--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher"]
+    assert run_script("train.py", *args).returncode == 0
+    folder = tmp_path / "cifar10"
+    old = (folder / "teacher.pt").read_bytes()
+    stopped = interrupt_when("data", "train_batches", *args, "--fresh")  # after the first step of the retrain
+    go_on = f"python3 train.py {shlex.join(map(str, args[:-2]))} --stages teacher --fresh --resume"
+    assert_one_line_error(stopped, f"stopped by SIGINT; progress is saved. Continue with: {go_on}", code=130)
+    assert (folder / "teacher.last.pt").exists() and (folder / "teacher.pt").read_bytes() == old
+    # plain --resume would have kept the old teacher.pt and left the retrain's progress behind
+    resumed = run_script("train.py", *shlex.split(go_on)[2:])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at epoch 1, step 1" in resumed.stdout and "skipping" not in resumed.stdout
+    assert not (folder / "teacher.last.pt").exists() and (folder / "teacher.pt").read_bytes() != old
+
+
+def test_a_resume_file_that_cannot_be_read_is_not_called_corrupt(tiny_cifar, tmp_path):
+    (tmp_path / "cifar10" / "teacher.last.pt").mkdir(parents=True)  # unreadable to every user, root too
+    result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher",
+                        "--resume")  # fmt: skip
+    assert_one_line_error(result, "teacher.last.pt: cannot read it (Is a directory)", code=2)
+    assert "delete" not in result.stderr and "torch file" not in result.stderr
 
 
 def replace_teacher(path):

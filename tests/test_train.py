@@ -146,7 +146,6 @@ def test_bad_configuration_is_one_line_naming_the_flag(capsys, args, flag):
         (["--lr", "-1"], "--lr"),
         (["--teacher", "resnet9000"], "--teacher"),
         (["--bogus-flag", "1"], "--bogus-flag"),
-        (["--resume", "--fresh"], "--resume"),
     ],
 )
 def test_bad_configuration_through_train_py_stops_before_any_work(tmp_path, args, flag):
