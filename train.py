@@ -617,10 +617,11 @@ def kept_metrics(saved):
 def load_unfinished(out_dir, stage, cfg, device, teacher_digest=None):
     """The saved progress of an unfinished stage (its .last.pt), or None.
 
-    It is used only with --resume, and must come from the same settings (and
-    the same teacher, see load_finished); with --fresh alone it is ignored and
-    later overwritten; otherwise it stops the run, so that no progress is lost
-    by accident."""
+    It is used only with --resume (also with --fresh: a retrain stopped
+    part-way), and must come from the same settings (and the same teacher,
+    see load_finished); with --fresh alone it is ignored and later
+    overwritten; otherwise it stops the run, so that no progress is lost by
+    accident."""
     path = out_dir / f"{stage}.last.pt"
     if not path.exists() and cfg["RESUME"]:
         print(f"nothing to resume for {stage} (no {path}); training it from the start")
@@ -632,20 +633,21 @@ def load_unfinished(out_dir, stage, cfg, device, teacher_digest=None):
             f"(or pass --fresh to start the stage over)",
             exit_code=2,
         )
+    over = "leave out --resume to start it over" if cfg["FRESH"] else "pass --fresh"
     try:
         state = checkpoint.load_progress(path)
     except ValueError as error:
-        fix = "" if isinstance(error, checkpoint.Unreadable) else "; delete it or pass --fresh"
+        fix = "" if isinstance(error, checkpoint.Unreadable) else f"; delete it or {over}"
         raise TrainingError(f"{path}: {error}{fix}", exit_code=2) from None
     changed = config.differences(state["config"], cfg, stage)
     if stage == "distilled" and state["teacher"] != teacher_digest:
         changed.append("the teacher (another teacher.pt)")
     if changed:
         raise TrainingError(f"{path} was started with other settings ({'; '.join(changed)}); resume with those, "
-                            f"or pass --fresh", exit_code=2)  # fmt: skip
+                            f"or {over}", exit_code=2)  # fmt: skip
     if state["device"] != device.type:  # the data generator's state belongs to its device
         raise TrainingError(
-            f"{path} was started on {state['device']}; resume it with --device {state['device']}, or pass --fresh",
+            f"{path} was started on {state['device']}; resume it with --device {state['device']}, or {over}",
             exit_code=2,
         )
     return state
