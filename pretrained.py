@@ -152,6 +152,8 @@ def load_teacher(path, name, classes, in_channels):
         content = checkpoint.read(path, "a teacher checkpoint")
     except FileNotFoundError:
         raise ValueError("no such file; check the path") from None
+    except checkpoint.Unreadable:
+        raise
     except ValueError as error:
         raise ValueError(f"{error}; {TEACHER_FILES}") from None
     checkpoint.refuse_unfinished(content)

@@ -154,6 +154,9 @@ def test_files_that_do_not_fit_are_refused_with_the_reason(tmp_path):
             pretrained.load_teacher(tmp_path / file, teachers.get(case, "resnet8"), CLASSES, 3)
         assert reason in str(error.value) and "\n" not in str(error.value), (case, str(error.value))
     assert not (tmp_path / "ran").exists()
+    (tmp_path / "folder.pth").mkdir()  # what the system cannot read gets no advice on what to pass instead
+    with pytest.raises(ValueError, match=r"^cannot read it \(Is a directory\)$"):
+        pretrained.load_teacher(tmp_path / "folder.pth", "resnet8", CLASSES, 3)
 
 
 # ---------------------------------------------------------------- through train.py
