@@ -185,13 +185,14 @@ def tree_files(train, held_out):
     classes = [p.name for p in class_folders(train)]
     if not classes:
         raise DataError(f"{train} has no class folders; expected {train}/<class>/<image files>")
-    if not class_folders(held_out):
+    held_out_classes = {p.name for p in class_folders(held_out)}
+    if not held_out_classes:
         raise DataError(f"{held_out} has no class folders; sort its images into {held_out}/<class>/, with the "
                         f"class folders of {train}")  # fmt: skip
     lower = {c.lower(): c for c in classes}
     unknown = [
         f"{name} ({train} has {lower[name.lower()]!r}; names are case-sensitive)" if name.lower() in lower else name
-        for name in sorted({p.name for p in class_folders(held_out)} - set(classes))
+        for name in sorted(held_out_classes - set(classes))
     ]
     if unknown:
         raise DataError(
