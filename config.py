@@ -1,5 +1,8 @@
 """Defaults for train.py and predict.py. Edit them here, or override any of them
 on the command line: NAME becomes --name, with dashes (DATA_DIR -> --data-dir).
+Write them as Python: one number for a per-stage constant, a tuple or a list of
+numbers where a tuple is shown, an int or a float for a number, True or False
+(not 1 or 0) for a switch.
 """
 
 # data
@@ -132,6 +135,20 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 PER_STAGE = {"EPOCHS", "LR"}  # one number sets the teacher, student and distilled stages alike
+KINDS = {  # constant -> the type the code sees; (type,) for a tuple of them, comma-separated on the command line
+    **dict.fromkeys(("DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "TEACHER_CHECKPOINT", "STAGES", "METHOD",
+                     "RECIPE", "OPTIMIZER", "LR_SCHEDULE", "DEVICE", "AMP"), str),
+    **dict.fromkeys(("DOWNLOAD", "FRESH", "RESUME", "LOOKAHEAD", "FLIP", "ALTERNATE_FLIP", "TTA", "DETERMINISTIC",
+                     "CHANNELS_LAST", "COMPILE"), bool),
+    **dict.fromkeys(("IMAGE_SIZE", "VAL_SIZE", "BATCH_SIZE", "CROP_PADDING", "SEED", "THREADS"), int),
+    **dict.fromkeys(("WEIGHT_DECAY", "WARMUP", "LABEL_SMOOTHING", "MOMENTUM", "BIAS_LR_SCALE", "DROPOUT", "TEMPERATURE",
+                     "ALPHA", "DKD_ALPHA", "DKD_BETA", "DKD_WARMUP", "LSKD_TEMPERATURE", "LSKD_WEIGHT", "FITNET_WEIGHT",
+                     "AT_WEIGHT"), float),
+    "EPOCHS": (int,), "LR": (float,), "ADAM_BETAS": (float,), "LR_MILESTONES": (float,),
+}  # fmt: skip
+KIND_WORDS = {str: "a string, in quotes", bool: "True or False", int: "an integer", float: "a number"}
+SHAPES = {"EPOCHS": "one or three integers > 0", "LR": "one or three finite numbers > 0",
+          "ADAM_BETAS": "two numbers in [0, 1)", "LR_MILESTONES": "fractions between 0 and 1"}  # fmt: skip
 
 
 def shaping(cfg, stage):
@@ -175,6 +192,11 @@ def _registry(module, name):
     )
 
 
+def _holds(name, valid):
+    """A rule of a tuple constant, refusing with what it accepts: the words a value of the wrong type gets too."""
+    return lambda v: None if valid(v) else f"must be {SHAPES[name]}"
+
+
 def _stages(value):
     names = [s for s in value.split(",") if s]
     known = STAGE_NAMES
@@ -191,22 +213,70 @@ RULES = {  # constant -> check(value) returning an error or None
     "DEVICE": lambda v: None if v in ("auto", "cpu", "cuda") else "must be one of auto, cpu, cuda",
     "AMP": lambda v: None if v in ("auto", "bf16", "off") else "must be one of auto, bf16, off",
     "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8", "STAGES": _stages,
-    "EPOCHS": lambda v: None if len(v) == 3 and all(e > 0 for e in v) else "must be one or three integers > 0",
-    "LR": lambda v: None if len(v) == 3 and not any(map(POSITIVE, v)) else "must be one or three finite numbers > 0",
-    "LR_MILESTONES": lambda v: None if all(0 < m < 1 for m in v) else "must be fractions between 0 and 1",
+    "EPOCHS": _holds("EPOCHS", lambda v: len(v) == 3 and all(e > 0 for e in v)),
+    "LR": _holds("LR", lambda v: len(v) == 3 and not any(map(POSITIVE, v))),
+    "LR_MILESTONES": _holds("LR_MILESTONES", lambda v: all(0 < m < 1 for m in v)),
     "BATCH_SIZE": POSITIVE, "BIAS_LR_SCALE": POSITIVE, "TEMPERATURE": POSITIVE, "LSKD_TEMPERATURE": POSITIVE,
     "VAL_SIZE": NON_NEGATIVE, "WEIGHT_DECAY": NON_NEGATIVE, "CROP_PADDING": NON_NEGATIVE, "SEED": NON_NEGATIVE,
     "DKD_ALPHA": NON_NEGATIVE, "DKD_BETA": NON_NEGATIVE, "LSKD_WEIGHT": NON_NEGATIVE, "FITNET_WEIGHT": NON_NEGATIVE,
     "AT_WEIGHT": NON_NEGATIVE, "THREADS": NON_NEGATIVE,
-    "ADAM_BETAS": lambda v: None if len(v) == 2 and all(0 <= b < 1 for b in v) else "must be two numbers in [0, 1)",
+    "ADAM_BETAS": _holds("ADAM_BETAS", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
     "MOMENTUM": _in(0, 1), "WARMUP": _in(0, 1), "LABEL_SMOOTHING": _in(0, 1), "DROPOUT": _in(0, 1),
     "ALPHA": _in(0, 1, closed=True), "DKD_WARMUP": _in(0, 1, closed=True),
 }  # fmt: skip
 
 
-def defaults():
-    """The constants of this module's knobs block, by name."""
+def _constants():
+    """The constants of this module's knobs block, by name, as written."""
     return {k: v for k, v in globals().items() if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and k not in _NOT_KNOBS}
+
+
+def defaults(prog=None):
+    """The constants of this module's knobs block, by name, in the types the code expects (see _coerce)."""
+    return {name: _normalised(name, name, value, prog) for name, value in _constants().items()}
+
+
+def _kind(name, value):
+    """A constant's entry in KINDS; for one added without an entry, its value's type."""
+    if name in KINDS:
+        return KINDS[name]
+    return (type(value[0]),) if isinstance(value, tuple) and value else type(value)
+
+
+def _scalar(kind, value):
+    """`value` as a `kind`: an int does for a float, and nothing else is converted (True is no number, 1 no switch,
+    "3" no integer), so that a mistyped constant is refused rather than read some other way."""
+    if isinstance(value, bool) == (kind is bool) and isinstance(value, (int, float) if kind is float else kind):
+        return kind(value)
+    raise ValueError(value)
+
+
+def _coerce(name, value):
+    """`value` of constant `name` in the type the code expects: a tuple constant takes a tuple, a list or one
+    number, and one number (or a list of one) sets every stage of a per-stage constant. A name without an entry
+    in KINDS passes as written."""
+    if name not in KINDS:
+        return value
+    kind = KINDS[name]
+    if not isinstance(kind, tuple):
+        return _scalar(kind, value)
+    items = [_scalar(kind[0], v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return tuple(items * 3 if len(items) == 1 and name in PER_STAGE else items)
+
+
+def _normalised(where, name, value, prog=None):
+    """_coerce(name, value), or a one-line exit naming `where` config.py sets the value and what `name` accepts."""
+    try:
+        return _coerce(name, value)
+    except ValueError:
+        kind = KINDS[name]
+        _refuse(where, value, f"must be {SHAPES[name] if isinstance(kind, tuple) else KIND_WORDS[kind]}", prog)
+
+
+def _refuse(where, value, problem, prog=None):
+    """Print a one-line error naming a value as config.py sets it, and exit with 2."""
+    sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: error: config.py: {where} = {value!r}: {problem}\n")
+    raise SystemExit(2)
 
 
 def flag(name):
@@ -245,9 +315,8 @@ def how_to_train(dataset, out_dir):
     return f"train one with: {command}"
 
 
-def _tuple_type(name, default):
-    """'a,b,c' -> a tuple of the default's element type; for per-stage constants one number stands for all three."""
-    kind = type(default[0])
+def _tuple_type(name, kind):
+    """'a,b,c' -> a tuple of `kind`s; for per-stage constants one number stands for all three."""
 
     def parse(text):
         try:
@@ -259,44 +328,71 @@ def _tuple_type(name, default):
     return parse
 
 
+def _option(name, value):
+    """The add_argument keywords of a constant's flag, from its kind: a switch is --name/--no-name."""
+    kind = _kind(name, value)
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if not isinstance(kind, tuple):
+        return {"type": kind, "metavar": kind.__name__.upper()}
+    word = kind[0].__name__.upper()
+    metavar = f"{word}[,{word},{word}]" if name in PER_STAGE else f"{word},..."
+    return {"type": _tuple_type(name, kind[0]), "metavar": metavar}
+
+
 def parse(argv=None, description=None, names=None, extra=None):
     """Parse the command line into a dict of every constant, validated.
 
     names: the constants this program takes as flags (all by default). extra:
     a function that adds program-specific arguments to the parser; their
-    values come back under their lowercase dest names. Precedence: typed
-    flags, then the recipe's settings for the chosen networks, then its
-    settings for the dataset, then the recipe, then the constants above."""
-    values = defaults()
+    values come back under their lowercase dest names. --help shows each
+    default as config.py writes it, in the form typed on the command line."""
+    written, values = _constants(), defaults()
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", Path(__file__).read_text(), flags=re.M))
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     for name in values if names is None else names:
-        default, shown = values[name], typed(name, values[name]).split(" ", 1)[-1]
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {
-            "type": _tuple_type(name, default) if isinstance(default, tuple) else type(default),
-            "metavar": "A,B,..." if isinstance(default, tuple) else type(default).__name__.upper()}  # fmt: skip
+        shown = typed(name, written[name]).split(" ", 1)[-1]
         # no default: only typed flags reach the namespace, so that they win over a recipe
-        parser.add_argument(f"--{flag(name)}", dest=name, default=argparse.SUPPRESS, **kind,
+        parser.add_argument(f"--{flag(name)}", dest=name, default=argparse.SUPPRESS, **_option(name, values[name]),
                             help=f"{comments.get(name, '')} (default: {shown})")  # fmt: skip
     if extra:
         extra(parser)
-    given = vars(parser.parse_args(argv))
-    recipe = RECIPES.get(given.get("RECIPE", values["RECIPE"]), {})
-    cfg = {**values, **{k: v for k, v in recipe.items() if k not in ("DATASETS", "NETWORKS")}, **given}
+    return _settings(values, written, vars(parser.parse_args(argv)), parser.prog)
+
+
+def _settings(values, written, given, prog):
+    """The settings in force, each checked against RULES. Precedence: typed
+    flags, then the recipe's settings for the chosen networks, then its
+    settings for the dataset, then the recipe, then the constants above. A
+    value that breaks a rule is refused naming its flag where it was typed,
+    else where config.py sets it."""
+    cfg, source = {**values, **given}, {name: (name, value) for name, value in written.items()}
+
+    def apply(where, settings):
+        for name, value in settings.items():
+            if name not in given:
+                source[name] = (f"{where}[{name!r}]", value)
+                cfg[name] = _normalised(source[name][0], name, value, prog)
+
+    top, recipe = f"RECIPES[{cfg['RECIPE']!r}]", RECIPES.get(cfg["RECIPE"], {})
+    apply(top, {k: v for k, v in recipe.items() if k not in ("DATASETS", "NETWORKS")})
     by_dataset, by_networks = recipe.get("DATASETS", {}), recipe.get("NETWORKS", {})
-    for settings in (
-        by_dataset.get(cfg["DATASET"], {}),
-        by_networks.get((cfg["TEACHER"], cfg["STUDENT"]), {}),
-        by_networks.get(cfg["STUDENT"], {}),
+    pair = (cfg["TEACHER"], cfg["STUDENT"])
+    for where, settings in (
+        (f"{top}['DATASETS'][{cfg['DATASET']!r}]", by_dataset.get(cfg["DATASET"], {})),
+        (f"{top}['NETWORKS'][{pair!r}]", by_networks.get(pair, {})),
+        (f"{top}['NETWORKS'][{cfg['STUDENT']!r}]", by_networks.get(cfg["STUDENT"], {})),
     ):
-        cfg.update({k: v for k, v in settings.items() if k not in given})
+        apply(where, settings)
     for name, check in RULES.items():
         problem = check(cfg[name])
+        if problem and name in given:
+            fail(flag(name), f"{problem} (got {cfg[name]!r})", prog)
         if problem:
-            fail(flag(name), f"{problem} (got {cfg[name]!r})", parser.prog)
+            _refuse(*source[name], problem, prog)
     return cfg
 
 
-_NOT_KNOBS = {"RECIPES", "RUNTIME_SETTINGS", "DISTILLATION_SETTINGS", "STAGE_NAMES", "PER_STAGE", "POSITIVE",
-              "NON_NEGATIVE", "RULES"}  # fmt: skip
+_NOT_KNOBS = {"RECIPES", "RUNTIME_SETTINGS", "DISTILLATION_SETTINGS", "STAGE_NAMES", "PER_STAGE", "KINDS",
+              "KIND_WORDS", "SHAPES", "POSITIVE", "NON_NEGATIVE", "RULES"}  # fmt: skip
