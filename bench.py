@@ -5,6 +5,7 @@ loop that typical distillation repos run, side by side on this machine.
     python3 bench.py --data-dir data/cifar10-jpeg      # real images (any cifar10 source)
     python3 bench.py --quick                           # a smoke run: under a minute on 2 CPU cores
     python3 bench.py --latency                         # inference latency only, in PyTorch and ONNX Runtime
+    python3 bench.py --precision --dataset folder --data-dir data/digits --train-args "--epochs 4 --val-size 400"
 
 ours: the repo's path. The dataset is one uint8 tensor on the device, batches
 are augmented all at once (random crop, flip) and normalised there, with
@@ -26,11 +27,22 @@ all cores: batch-1 latency (median and p90 of 200 calls after 20 warm-up
 calls) and batch-256 throughput (median of 5 batches after one). Speed does
 not depend on the weights, so the networks are fresh ones (10 classes,
 3x32x32 images).
+
+--precision asks whether bf16 earns its place on this machine: train.py runs
+the whole pipeline for each of --seeds twice, with --amp bf16 and --amp off,
+on the data given, and the table gives each stage's test accuracy in both,
+the paired difference (mean and standard deviation over the seeds), the
+lowest validation accuracy after the first epoch (a collapse shows there)
+and the training speed-up.
 """
 
 import json
 import os
 import platform
+import shlex
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +75,9 @@ def add_arguments(parser):
         action="store_true",
         help="only inference latency and throughput, in PyTorch eager and ONNX Runtime",
     )
+    parser.add_argument("--precision", action="store_true", help="train.py's accuracy and speed in bf16 and float32")
+    parser.add_argument("--seeds", default="0,1,2", help="--precision: the seeds, each trained in both precisions")
+    parser.add_argument("--train-args", default="", help='--precision: more train.py flags, e.g. "--epochs 4"')
 
 
 class PerSampleDataset(torch.utils.data.Dataset):
@@ -337,9 +352,11 @@ def main(argv=None):
         config.fail("workers", "must be >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
-    out = output_file(cfg, "latency.json" if cfg["latency"] else "bench.json")
+    out = output_file(cfg, "latency.json" if cfg["latency"] else "precision.json" if cfg["precision"] else "bench.json")
     if cfg["latency"]:
         return latency(cfg, out)
+    if cfg["precision"]:
+        return precision(cfg, out)
     device = runtime.device(cfg["DEVICE"])
     batches = max(cfg["BATCH_SIZE"], 256) * (steps + 3)  # 3 warm-up and the timed steps: training, or inference by 256
     needed = batches + 256
@@ -367,6 +384,91 @@ def main(argv=None):
         "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"],
         "peak_gflops_per_second": peak, "rows": rows,
     }  # fmt: skip
+    checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    print(f"\nwrote {out}")
+
+
+# ---------------------------------------------------------------- --precision
+
+
+def train_run(cfg, seed, amp, folder):
+    """One train.py pipeline in a fresh folder; its results.json, or a one-line failure."""
+    args = ["--dataset", cfg["DATASET"], "--data-dir", cfg["DATA_DIR"], "--out-dir", str(folder), "--seed", str(seed),
+            "--amp", amp, "--teacher", cfg["TEACHER"], "--student", cfg["STUDENT"], "--method", cfg["METHOD"],
+            "--threads", str(cfg["THREADS"]), "--fresh", *shlex.split(cfg["train_args"])]  # fmt: skip
+    script = Path(__file__).resolve().parent / "train.py"
+    log = folder / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as output:
+        done = subprocess.run([sys.executable, str(script), *args], stdout=output, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"bench.py: error: train.py {shlex.join(args)} failed: {tail[0]} (log: {log})")
+    results = json.loads((folder / cfg["DATASET"] / "results.json").read_text())
+    for stage, row in results["stages"].items():
+        lines = (folder / cfg["DATASET"] / f"{stage}.jsonl").read_text().splitlines()
+        later = [json.loads(line)["val_acc"] for line in lines[1:]]
+        row["lowest_later_val_acc"] = min((v for v in later if v is not None), default=None)
+    return results["stages"]
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def precision_rows(runs, seeds):
+    """Per stage: test accuracy in each precision, the paired difference, the
+    lowest later validation accuracy and the training speed-up."""
+    rows = {}
+    for stage in runs["off"][seeds[0]]:
+        bf16, fp32 = ([runs[amp][s][stage] for s in seeds] for amp in ("bf16", "off"))
+        seconds = {amp: sum(r["train_seconds"] for r in rs) for amp, rs in (("bf16", bf16), ("off", fp32))}
+        lowest = [r["lowest_later_val_acc"] for r in bf16 if r["lowest_later_val_acc"] is not None]
+        rows[stage] = {
+            "float32": mean_std([100 * r["test_acc"] for r in fp32]),
+            "bf16": mean_std([100 * r["test_acc"] for r in bf16]),
+            "difference": mean_std([100 * (b["test_acc"] - f["test_acc"]) for b, f in zip(bf16, fp32)]),
+            "bf16_lowest_later_val_acc": 100 * min(lowest) if lowest else None,
+            "speedup": seconds["off"] / seconds["bf16"],
+        }
+    return rows
+
+
+def precision_markdown(rows, seeds):
+    lines = [
+        f"| stage | float32 test | bf16 test | bf16 - float32 (points, {len(seeds)} paired seeds) | bf16: lowest val "
+        "after epoch 1 | bf16 speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for stage, row in rows.items():
+        fp32, bf16, diff = (row[k] for k in ("float32", "bf16", "difference"))
+        lowest = "n/a" if row["bf16_lowest_later_val_acc"] is None else f"{row['bf16_lowest_later_val_acc']:.2f}%"
+        lines.append(f"| {stage} | {fp32[0]:.2f} ± {fp32[1]:.2f}% | {bf16[0]:.2f} ± {bf16[1]:.2f}% | {diff[0]:+.2f} ± "
+                     f"{diff[1]:.2f} | {lowest} | {row['speedup']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def precision(cfg, out):
+    """The --precision section: every seed's pipeline in bf16 and in float32, paired."""
+    try:
+        seeds = [int(s) for s in cfg["seeds"].split(",")]
+    except ValueError:
+        config.fail("seeds", f"{cfg['seeds']!r} is not a comma-separated list of integers")
+    machine = f"{report.device_name(torch.device('cpu'))}, {report.cpu_kind()}"
+    print(f"precision: {cfg['DATASET']} from {cfg['DATA_DIR']}, seeds {cfg['seeds']}, train.py {cfg['train_args']}, "
+          f"on {machine}; each run's output goes to its train.log")  # fmt: skip
+    runs = {"bf16": {}, "off": {}}
+    for seed in seeds:
+        for amp in runs:
+            folder = out.parent / "precision" / f"{amp}-seed{seed}"
+            started = time.perf_counter()
+            runs[amp][seed] = train_run(cfg, seed, amp, folder)
+            accuracies = ", ".join(f"{stage} {row['test_acc']:.2%}" for stage, row in runs[amp][seed].items())
+            print(f"seed {seed}, --amp {amp}: {accuracies} ({time.perf_counter() - started:.0f} s)", flush=True)
+    rows = precision_rows(runs, seeds)
+    print(f"\n{precision_markdown(rows, seeds)}")
+    result = {"device": machine, "torch": torch.__version__, "dataset": cfg["DATASET"], "data_dir": cfg["DATA_DIR"],
+              "train_args": cfg["train_args"], "seeds": seeds, "rows": rows, "runs": runs}  # fmt: skip
     checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {out}")
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -415,6 +416,17 @@ def device_name(device):
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()}, {all_cores()} cores"
     return f"{platform.processor() or platform.machine()}, {all_cores()} cores"
+
+
+def cpu_kind():
+    """What decides bf16's cost on this CPU: AMX, AVX-512 BF16, or neither
+    (bf16 then runs on slow reference kernels)."""
+    flags = set()
+    with contextlib.suppress(OSError):
+        flags = set(re.findall(r"\w+", Path("/proc/cpuinfo").read_text()))
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "no native bf16"
 
 
 def commit_text(commit, dirty, diff=None):
