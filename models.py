@@ -151,10 +151,16 @@ class AirNet(Classifier):
 
     @torch.no_grad()
     def init_from_data(self, images, eps=5e-4):
+        """Directions in which the patches do not vary at all (grey images
+        stored as RGB have 8 of 12) get zero filters: scaled by 1/sqrt(eps),
+        they would turn bf16's rounding of the input into features 45 times
+        its size, which training sees and float32 evaluation does not."""
         patches = nn.functional.unfold(images.float(), kernel_size=2).transpose(1, 2).flatten(0, 1)
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
-        filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).float()
+        rank_tolerance = eigenvalues.max() * len(eigenvalues) * torch.finfo(torch.float32).eps  # as matrix_rank's
+        filters = eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()
+        filters = filters.where(eigenvalues[:, None] > rank_tolerance, 0.0).float()
         filters = filters.view(-1, *self.whiten.weight.shape[1:])
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
 

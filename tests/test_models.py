@@ -63,3 +63,22 @@ def test_unknown_model_names_the_choices():
 def test_zoo_parameter_counts_match_the_published_ones(name, published):
     """Counts for CIFAR-100 (100 classes), as tabulated by RepDistiller and mdistiller."""
     assert models.count_params(models.build(name, 100, 3)) == pytest.approx(published, rel=0.01)
+
+
+def test_whitening_of_grey_images_stored_as_rgb_is_the_same_in_bf16_and_float32():
+    """Grey images with three equal channels leave 8 of the 12 patch directions
+    without variance. Their filters must be zero: scaled by 1/sqrt(eps), they
+    turned bf16's rounding into features that float32 evaluation lacks (a
+    real digit dataset lost its validation accuracy to them)."""
+    grey = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    images = grey.expand(-1, 3, -1, -1).contiguous()
+    model = models.build("airnet_xs", 10, 3)
+    model.init_from_data(images)
+    with torch.no_grad():
+        full = model.whiten(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = model.whiten(images).float()
+    silent = full.abs().amax(dim=(0, 2, 3)) == 0  # the directions the data lacks
+    assert int(silent.sum()) == 16  # 8 directions, both signs
+    assert torch.equal(rounded[:, silent], torch.zeros_like(rounded[:, silent]))
+    assert (rounded - full).abs().max() < 0.05  # the other channels differ by rounding alone
