@@ -219,6 +219,23 @@ def percent(fraction):
     return "n/a" if fraction is None else f"{fraction:.2%}"
 
 
+def collapse_warning(stage, epoch, train_acc, val_acc, num_classes, amp_on):
+    """One line when validation accuracy is near chance while training accuracy
+    is high (None otherwise): the network that evaluates is not the one that
+    trains, and the best epoch, then the test accuracy, would quietly pay."""
+    chance = 1 / num_classes
+    if val_acc is None or val_acc > chance + 0.1 * (1 - chance) or train_acc < chance + 0.5 * (1 - chance):
+        return None
+    cause = (
+        "the likely cause is bf16 mixed precision: start the stage over with --fresh --amp off, or try --threads 1"
+        if amp_on
+        else "its batch-norm statistics do not fit the validation images: check that they are prepared as the "
+        "training images are"
+    )
+    return (f"warning: {stage} epoch {epoch}: validation accuracy {val_acc:.2%} is near chance ({chance:.0%}) while "
+            f"training accuracy is {train_acc:.2%}; {cause}")  # fmt: skip
+
+
 @dataclass
 class Stage:
     """One stage being trained: its network and objective, what optimises
@@ -496,6 +513,10 @@ def end_epoch(stage, progress, sums, bar):
     }
     if code_of(sums.code) != THIS_CODE:  # stopped part-way by other code, and resumed by this
         record["begun_by"] = sums.code
+    warning = collapse_warning(stage.name, progress.epoch, record["train_acc"], val_acc, len(dataset.classes),
+                               stage.amp_on)  # fmt: skip
+    if warning:
+        record["warning"] = warning
     progress.log.append(record)
     if master_process:
         checkpoint.write_text(stage.path(".last.jsonl"), log_text(progress.log))
@@ -506,6 +527,8 @@ def end_epoch(stage, progress, sums, bar):
         f"{stage.name} epoch {progress.epoch:3d}/{stage.epochs}  loss {train_loss:.4f}  train "
         f"{record['train_acc']:.2%}  val {percent(val_acc)}  lr {record['lr']:.2e}  {record['seconds']:.1f}s"
     )
+    if warning:
+        bar.write(warning)
     progress.epoch, progress.step, progress.sums = progress.epoch + 1, 0, None
     save_progress(stage, progress)
 
@@ -534,6 +557,7 @@ def finish_stage(stage, progress):
         "data": data.origin(dataset.source),
         **THIS_CODE,
         "earlier_code": earlier_code(progress.log),
+        "warnings": [record["warning"] for record in progress.log if "warning" in record],
     }
     checkpoint.save(stage.path(), stage.name, cfg, dataset, stage.model_name, progress.best["state"], metrics,
                     stage.teacher_digest)  # fmt: skip
@@ -863,7 +887,8 @@ def write_results(cfg, results, kept, left_out, out_dir, dataset, run, teacher):
     (report.run_info)."""
     rows = {stage: {**results[stage], "kept": stage in kept} for stage in STAGES if stage in results}
     table = results_table(rows, len(dataset.classes))
-    sources = data_sources(rows) + provenance_lines(rows) + left_out_line(left_out)
+    warnings = "".join(f"{warning}\n" for m in rows.values() for warning in m.get("warnings", []))
+    sources = data_sources(rows) + provenance_lines(rows) + left_out_line(left_out) + warnings
     print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
           f"{sources}")  # fmt: skip
     summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows),
