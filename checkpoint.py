@@ -20,19 +20,7 @@ import numpy as np
 import torch
 
 import models
-
-
-def atomic_write(path, write):
-    """Write a file through a temporary file and os.replace, so that a crash
-    never leaves a half-written file where a good one was. `write(temporary)`
-    writes the content."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+from datafiles import atomic_write
 
 
 def unwritable(folder):

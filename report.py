@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 import export
 import models
-from checkpoint import atomic_write, build_model
+from checkpoint import build_model
 from checkpoint import load as load_checkpoint
+from datafiles import atomic_write
 
 STAGE_COLOURS = {"teacher": "tab:blue", "student": "tab:orange", "distilled": "tab:green"}
 CURVES_SIZE = (10, 4)  # inches: with CURVES_DPI, curves.png is 1000 x 400 pixels

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import checkpoint
 import config
 import data
+import datafiles
 import distill
 import models
 import optim
@@ -141,7 +142,7 @@ def request_stop(signum, frame):
     """While a stage trains, stop it after the current step with its progress
     saved. A second signal, or one outside training (loading data, the
     compression report), stops at once: what is saved is kept either way, and
-    data.download_whole leaves no download cut short."""
+    datafiles.download_whole leaves no download cut short."""
     if STOP["signal"] is not None or STOP["held"] is None:
         STOP["signal"] = STOP["signal"] or signum
         raise KeyboardInterrupt
@@ -531,7 +532,7 @@ def finish_stage(stage, progress):
         "device": str(stage.device),
         "tta": cfg["TTA"],
         "method": cfg["METHOD"] if stage.name == "distilled" else "cross-entropy",
-        "data": data.origin(dataset.source),
+        "data": datafiles.origin(dataset.source),
         **THIS_CODE,
         "earlier_code": earlier_code(progress.log),
     }
@@ -716,7 +717,7 @@ def set_up(cfg):
 def load_data(cfg, device, out_dir):
     if Path(cfg["DATA_DIR"]).is_file():
         config.fail("data-dir", f"{cfg['DATA_DIR']} is a file, but the flag takes a folder: for {cfg['DATASET']} "
-                    f"it looks there for {data.expected_contents(cfg['DATASET'])}")  # fmt: skip
+                    f"it looks there for {datafiles.expected_contents(cfg['DATASET'])}")  # fmt: skip
     # The bundled CIFAR-10 and the system Fashion-MNIST stand in for the default folder alone: a folder the
     # user names is meant to hold the data or to receive its download, and one that does not exist is most
     # likely a typo, refused here unless something will be downloaded into it.
@@ -926,7 +927,7 @@ if __name__ == "__main__":
         if master_process:
             sys.stderr.write(f"{prog}: stopped at once by {signal.Signals(signum).name}; {how_to_go_on()}\n")
         sys.exit(128 + signum)
-    except (data.DataError, TrainingError) as error:
+    except (datafiles.DataError, TrainingError) as error:
         sys.stderr.write(f"{prog}: error: {error}\n")
         sys.exit(getattr(error, "exit_code", 1))
     finally:

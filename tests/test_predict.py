@@ -13,6 +13,7 @@ from PIL import Image
 
 import checkpoint
 import data
+import datafiles
 from conftest import assert_one_line_error, coloured_images, run_script, train_teacher, write_image_tree
 
 CLASSES = ["cat", "dog", "fish"]
@@ -41,7 +42,7 @@ def direct_top1(checkpoint_path, files):
     """Top-1 of the saved's model on the files, computed without predict.py."""
     saved = checkpoint.load(checkpoint_path)
     model = checkpoint.build_model(saved).eval()
-    images = torch.from_numpy(np.stack([data.load_image(f, saved["image_size"], 3) for f in files]))
+    images = torch.from_numpy(np.stack([datafiles.load_image(f, saved["image_size"], 3) for f in files]))
     batch = data.normalize(images, saved["mean"], saved["std"])
     with torch.no_grad():
         probs = model(batch).softmax(1) + model(batch.flip(-1)).softmax(1)
@@ -97,7 +98,7 @@ def test_every_image_mode_gives_a_prediction(trained, tmp_path, mode):
         picture = picture.convert(mode)
     path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
     picture.save(path)
-    assert data.load_image(path, 32, 3).shape == (3, 32, 32)
+    assert datafiles.load_image(path, 32, 3).shape == (3, 32, 32)
     items = json.loads(predict(checkpoint, path, "--json").stdout)
     assert items[0]["predictions"][0]["class"] in CLASSES
 
@@ -109,7 +110,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    loaded = data.load_image(tmp_path / "rotated.jpg", 20, 3)
+    loaded = datafiles.load_image(tmp_path / "rotated.jpg", 20, 3)
     assert loaded[:, :5].mean() > 200 and loaded[:, -5:].mean() < 50  # white is on top after rotation
 
 

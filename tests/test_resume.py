@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import datafiles
 import models
 import report
 from conftest import FAST, ROOT, assert_one_line_error, run_script, write_cifar10
@@ -359,7 +360,7 @@ def test_interrupted_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        checkpoint.atomic_write(path, lambda p: torch.save({"weights": torch.zeros(3)}, p))
+        datafiles.atomic_write(path, lambda p: torch.save({"weights": torch.zeros(3)}, p))
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["teacher.pt"]  # no temporary file left behind

@@ -9,6 +9,7 @@ import torch
 import checkpoint
 import config
 import data
+import datafiles
 import distill
 import models
 import optim
@@ -367,7 +368,7 @@ def test_cifar100_reports_a_top5_accuracy_that_matches_a_hand_count(tmp_path):
     folder = tmp_path / "out" / "cifar100"
     saved = checkpoint.load(folder / "teacher.pt")
     model = checkpoint.build_model(saved).eval()
-    splits = data.load_cifar("cifar100", tmp_path / "data", [], 32, download=False)
+    splits = datafiles.load_cifar("cifar100", tmp_path / "data", [], 32, download=False)
     with torch.no_grad():
         probs = models.probabilities(model, data.normalize(splits.test_x, saved["mean"], saved["std"]), tta=True)
     ranked = np.argsort(-probs.numpy(), axis=1)[:, :5]
