@@ -6,8 +6,8 @@ import ast
 from conftest import ROOT
 
 # Lowest first: a module imports only modules that come before it here.
-LAYERS = ["config", "runtime", "models", "datafiles", "data", "checkpoint", "optim", "distill", "pretrained", "export",
-          "report", "plan", "train", "predict", "bench"]  # fmt: skip
+LAYERS = ["config", "runtime", "distributed", "models", "datafiles", "data", "checkpoint", "optim", "distill",
+          "pretrained", "export", "report", "plan", "stages", "train", "predict", "bench"]  # fmt: skip
 SCRIPTS = {"train", "predict", "bench"}  # run, never imported (tests may)
 DATA = {"datafiles", "data"}
 ALONE = {"models": set(), "distill": {"models"}}  # modules whose local imports are these alone

@@ -136,16 +136,17 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
     state = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
     assert state["stage"] == "teacher" and state["progress"]["epoch"] >= 1
     done, mid_epoch = state["progress"]["epoch"] - 1, state["progress"]["sums"] is not None
-    for record in state["progress"]["log"]:  # as if logged by code too old to name itself
-        del record["git_commit"], record["git_dirty"], record["git_diff"]
+    outside = {"git_commit": None, "git_dirty": None, "git_diff": None}
+    for record in state["progress"]["log"]:  # as if logged outside a git checkout
+        record.update(outside)
     if mid_epoch:  # and the epoch in progress begun by other code
-        state["progress"]["sums"]["code"] = {"git_commit": "e" * 40, "git_dirty": True}
+        state["progress"]["sums"]["code"] = {"git_commit": "e" * 40, "git_dirty": True, "git_diff": None}
     torch.save(state, out / "cifar10" / "teacher.last.pt")
     resumed = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]
     assert metrics["epochs"] == 12
-    unknown = [{"git_commit": None, "git_dirty": None, "git_diff": None, "first_epoch": 1, "last_epoch": done}]
+    unknown = [{**outside, "first_epoch": 1, "last_epoch": done}]
     begun = [{"git_commit": "e" * 40, "git_dirty": True, "git_diff": None, "first_epoch": done + 1,
               "last_epoch": done + 1}]  # fmt: skip
     assert metrics["earlier_code"] == (unknown if done else []) + (begun if mid_epoch else [])

@@ -436,20 +436,6 @@ def test_a_distilled_stage_is_refused_against_another_teacher_and_reused_with_it
     assert f"teacher: {out / 'cifar10' / 'teacher.pt'} was made with other settings; retraining it" in fresh.stdout
 
 
-def test_a_kept_stage_of_older_code_leaves_its_old_speed_metrics_out_of_the_results(finished_run, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(finished_run / "out", out)
-    path = out / "cifar10" / "student.pt"  # (the teacher's digest is part of the distilled stage's settings)
-    saved = torch.load(path, weights_only=True)  # as saved before speed moved to the compression report
-    saved["metrics"].update(cpu_latency_ms=1.5, cpu_throughput=900.0)
-    torch.save(saved, path)
-    result = run_script("train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST)
-    assert result.returncode == 0 and result.stdout.count("skipping") == 3, result.stderr[-2000:]
-    student = json.loads((out / "cifar10" / "results.json").read_text())["stages"]["student"]
-    assert student["kept"] and student["test_acc"] == saved["metrics"]["test_acc"]
-    assert "cpu_latency_ms" not in student and "cpu_throughput" not in student
-
-
 def test_reported_test_accuracy_is_what_predict_evaluate_measures_under_bf16(tmp_path):
     tree = write_image_tree(tmp_path / "tree", classes=("a", "b", "c", "d"), per_class_train=12, per_class_test=10,
                             mixed=False)  # fmt: skip
