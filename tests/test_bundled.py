@@ -56,6 +56,7 @@ def test_a_failed_download_falls_back_to_the_bundled_copy(out_dir, tmp_path, cap
     ) in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_py_without_a_data_folder_or_network_uses_the_bundled_copy(out_dir, tmp_path):
     # the default --data-dir, data/, which does not exist in tmp_path; a --crop-padding as large as the images
     # stops the run right after loading, before any training
@@ -71,6 +72,7 @@ def test_train_py_without_a_data_folder_or_network_uses_the_bundled_copy(out_dir
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cifar10", "fashion-mnist"])
 def test_a_named_data_dir_that_does_not_exist_is_refused_without_download(tmp_path, dataset):
     """The stand-ins are for the default folder: a --data-dir typed wrong stops the run before any loading."""
@@ -85,6 +87,7 @@ def test_a_named_data_dir_that_does_not_exist_is_refused_without_download(tmp_pa
     assert result.stdout == "" and not missing.exists()
 
 
+@pytest.mark.slow
 def test_a_named_data_dir_without_the_data_is_not_replaced_by_the_bundled_copy(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -121,6 +124,7 @@ def write_subset(root, per_class):
     return root
 
 
+@pytest.mark.slow
 def test_real_images_smoke_run(tmp_path):
     """One epoch of each stage on 2,000 real training images. On this 500-image
     test set the teacher reached 32 to 38% over seeds 0 to 4, with bf16 and

@@ -174,6 +174,7 @@ def tiny_cifar(tmp_path_factory):
     return root / "data"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["bare state dict, our names", "{'model': ...}, RepDistiller's names"])
 def test_a_brought_teacher_is_measured_then_distilled_from(tiny_cifar, tmp_path, layout):
     path = tmp_path / "teacher.pth"
@@ -209,6 +210,7 @@ def test_a_brought_teacher_is_measured_then_distilled_from(tiny_cifar, tmp_path,
     assert "| teacher | resnet8 |" in (folder / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_teacher_file_that_does_not_fit_stops_the_run_in_one_line(tiny_cifar, tmp_path):
     torch.save(models.build("resnet8", 10).state_dict(), tmp_path / "resnet8.pt")
     (tmp_path / "notes.txt").write_text("not weights")
