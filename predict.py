@@ -130,6 +130,17 @@ def refuse_whole_dataset(paths):
                         f"the training images; give {held_out}, the held-out images")  # fmt: skip
 
 
+def refuse_foreign_folders(items, classes):
+    """--evaluate labels each image by its folder: every folder must be named after a class of the checkpoint."""
+    unknown = sorted({p.parent.name for p, error in items if error is None} - set(classes))
+    if unknown:
+        usage_error(
+            f"--evaluate needs <class>/<image> folders named after the checkpoint's classes; "
+            f"{', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not among "
+            f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}"
+        )
+
+
 def read_image(path, size, channels):
     """uint8 (C, size, size) array, or an error string that names the problem."""
     try:
@@ -217,13 +228,7 @@ def main(argv=None):
     classes = checkpoint["classes"]
     items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
     if cfg["evaluate"]:
-        unknown = sorted({p.parent.name for p, error in items if error is None} - set(classes))
-        if unknown:
-            usage_error(
-                f"--evaluate needs <class>/<image> folders named after the checkpoint's classes; "
-                f"{', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not among "
-                f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}"
-            )
+        refuse_foreign_folders(items, classes)
 
     k = min(cfg["top_k"], len(classes))
     started = time.perf_counter()
