@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoint
 import config
 import data
+import datafiles
 import distill
 import models
 import optim
@@ -249,7 +250,7 @@ def latency(cfg, out):
               f"1 thread: latency {ratio:.2f}x ({1 / ratio:.1f} times as fast)")  # fmt: skip
     result = {"device": machine, "native_bf16": native_bf16, "torch": torch.__version__, "engine": report.engine_name(),
               "teacher": cfg["TEACHER"], "student": cfg["STUDENT"], "latency": figures}  # fmt: skip
-    checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    datafiles.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {out}")
 
 
@@ -269,7 +270,7 @@ def load_images(cfg, needed):
         folder = Path(cfg["OUT_DIR"]) / cfg["DATASET"]
         fallback = Path(cfg["DATA_DIR"]) == Path(config.DATA_DIR)
         return data.load(cfg["DATASET"], cfg["DATA_DIR"], [folder], val_size=0, download=False, fallback=fallback)
-    except data.DataError as error:
+    except datafiles.DataError as error:
         config.fail("data-dir", str(error))
 
 
@@ -384,7 +385,7 @@ def main(argv=None):
         "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"],
         "peak_gflops_per_second": peak, "rows": rows,
     }  # fmt: skip
-    checkpoint.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    datafiles.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {out}")
 
 

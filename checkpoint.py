@@ -7,7 +7,10 @@
   needs to go on exactly where it stopped (weights, optimizer, scheduler,
   lookahead, random states, log, best epoch, the epoch's running sums).
 
-Every file is written atomically and read with weights_only=True.
+train.py makes their content (Stage.finished, Stage.state_dict); this module
+writes and reads plain dicts. Every file carries FORMAT, is written
+atomically and is read with weights_only=True; a file of another format is
+refused, naming the version that wrote it.
 """
 
 import hashlib
@@ -20,19 +23,7 @@ import numpy as np
 import torch
 
 import models
-
-
-def atomic_write(path, write):
-    """Write a file through a temporary file and os.replace, so that a crash
-    never leaves a half-written file where a good one was. `write(temporary)`
-    writes the content."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+from datafiles import atomic_write
 
 
 def unwritable(folder):
@@ -64,25 +55,30 @@ def json_safe(cfg):
 # ---------------------------------------------------------------- finished stages
 
 
-def save(path, stage, cfg, dataset, model_name, state_dict, metrics, teacher_digest=None):
-    """Write a finished stage; `teacher_digest` names the teacher.pt a distilled student learnt from."""
-    checkpoint = {
-        "stage": stage,
-        "dataset": cfg["DATASET"],
-        "model": model_name,
-        "num_classes": len(dataset.classes),
-        "in_channels": dataset.in_channels,
-        "image_size": dataset.image_size,
-        "classes": list(dataset.classes),
-        "mean": list(dataset.mean),
-        "std": list(dataset.std),
-        "tta": cfg["TTA"],
-        "state_dict": state_dict,
-        "config": json_safe(cfg),
-        "metrics": metrics,
-        "teacher_digest": teacher_digest,
-    }
-    atomic_write(path, lambda p: torch.save(checkpoint, p))
+FORMAT = 2  # of <stage>.pt and <stage>.last.pt; bump it when their content changes
+
+
+class OtherFormat(ValueError):
+    """A file of this repo in another format than FORMAT. `problem` says
+    which version wrote it; the message adds the fix for predict.py and
+    export.py, and train.py gives its own."""
+
+    def __init__(self, found):
+        which = "a newer" if isinstance(found, int) and found > FORMAT else "an older"
+        self.problem = f"written by {which} version of this repo (file format {found}; this version reads {FORMAT})"
+        super().__init__(f"{self.problem}; train it again with this version")
+
+
+def check_format(content):
+    """Raise OtherFormat unless `content` (a dict of one of our files) is of
+    FORMAT; a file without a number is of format 1, the last without one."""
+    if content.get("format", 1) != FORMAT:
+        raise OtherFormat(content.get("format", 1))
+
+
+def save(path, content):
+    """Write a finished stage (see Stage.finished in train.py)."""
+    atomic_write(path, lambda p: torch.save({"format": FORMAT, **content}, p))
 
 
 # torch.save writes a zip archive; before torch 1.6 (the format of older published
@@ -145,6 +141,7 @@ def load(path):
     required = ("model", "state_dict", "num_classes", "in_channels", "classes")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         raise ValueError("not a checkpoint of this repo (keys model, state_dict, num_classes, ... are missing)")
+    check_format(checkpoint)
     return checkpoint
 
 
@@ -193,44 +190,15 @@ def restore_rng_states(states, generator):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def trainable_state(objective):
-    """The objective's state without the frozen teacher: the network being
-    trained and any adapters of the method."""
-    return {k: v for k, v in objective.state_dict().items() if not k.startswith("teacher.")}
-
-
-def save_progress(path, progress, stage):
-    """Write an unfinished stage's progress: `progress` (train.py's Progress,
-    as a dict), the settings, device and teacher of `stage` (train.py's Stage),
-    and the state of its objective, optimizer, scheduler, lookahead (or None)
-    and data generator."""
-    state = {
-        "stage": stage.name,
-        "config": json_safe(stage.cfg),
-        "device": stage.device.type,
-        "teacher": stage.teacher_digest,
-        "progress": progress,
-        "trainable": trainable_state(stage.objective),
-        "optimizer": stage.optimizer.state_dict(),
-        "scheduler": stage.scheduler.state_dict(),
-        "lookahead": None if stage.lookahead is None else stage.lookahead.state_dict(),
-        "rng": rng_states(stage.generator),
-    }
-    atomic_write(path, lambda p: torch.save(state, p))
+def save_progress(path, state):
+    """Write an unfinished stage's progress (see Stage.state_dict in train.py)."""
+    atomic_write(path, lambda p: torch.save({"format": FORMAT, **state}, p))
 
 
 def load_progress(path):
     """The saved progress at `path`; ValueError with a one-line reason when it cannot be read."""
-    return read(path, "a resume file of train.py")
-
-
-def restore_progress(state, stage):
-    """Load saved progress into the freshly built objective, optimizer,
-    scheduler, lookahead and data generator of `stage`. RuntimeError when the
-    weights no longer fit the objective."""
-    stage.objective.load_state_dict({**stage.objective.state_dict(), **state["trainable"]})
-    stage.optimizer.load_state_dict(state["optimizer"])
-    stage.scheduler.load_state_dict(state["scheduler"])
-    if stage.lookahead is not None:
-        stage.lookahead.load_state_dict(state["lookahead"])
-    restore_rng_states(state["rng"], stage.generator)
+    state = read(path, "a resume file of train.py")
+    if not isinstance(state, dict) or "progress" not in state:
+        raise ValueError("not a resume file of train.py (it holds no progress)")
+    check_format(state)
+    return state

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import data
 import models
 
 METHODS = {}  # name -> class(config, student, teacher, sample), see Method
@@ -288,15 +287,16 @@ def build_method(name, config, student, teacher, sample=None):
 def build_objective(cfg, model_name, dataset, device, teacher=None):
     """The objective of one stage, on `device`: a fresh `model_name` network
     (seeded with SEED and initialised from the training images), trained with
-    cross-entropy, or against `teacher` with cfg's METHOD."""
+    cross-entropy, or against `teacher` with cfg's METHOD. `dataset` (a
+    data.Data) normalises its own images, so this module needs no data code."""
     torch.manual_seed(cfg["SEED"])
     memory_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
     model = models.build(model_name, len(dataset.classes), dataset.in_channels, dropout=cfg["DROPOUT"])
     model = model.to(device, memory_format=memory_format)
-    model.init_from_data(data.normalize(dataset.train_x[:5000], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]))
+    model.init_from_data(dataset.normalize(dataset.train_x[:5000], cfg["CHANNELS_LAST"]))
     if teacher is None:
         return Supervised(model, cfg["LABEL_SMOOTHING"])
     teacher = teacher.to(device, memory_format=memory_format)
-    sample = data.normalize(dataset.train_x[:8], dataset.mean, dataset.std, cfg["CHANNELS_LAST"])
+    sample = dataset.normalize(dataset.train_x[:8], cfg["CHANNELS_LAST"])
     method = build_method(cfg["METHOD"], cfg, model, teacher, sample)
     return Distillation(model, teacher, method).to(device, memory_format=memory_format)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import config
 import data
+import datafiles
 import models
 from checkpoint import build_model
 from checkpoint import load as load_checkpoint
@@ -201,14 +202,14 @@ def parity_images(checkpoint, data_dir):
         )
     try:  # the folder's own data: no download, and no stand-in (the bundled CIFAR-10 copy) for a folder without it
         dataset = data.load(dataset_name, data_dir, image_size=size, val_size=0, download=False, fallback=False)
-    except data.DataError as error:
+    except datafiles.DataError as error:
         usage_error(f"argument --data-dir: {error}")
     if dataset.classes != checkpoint["classes"] or dataset.in_channels != channels:
         usage_error(
             f"argument --data-dir: {data_dir} holds other classes or channels than the checkpoint; point it "
             f"at the {dataset_name} data the checkpoint was trained on"
         )
-    images, source = dataset.test_x.cpu(), data.origin(dataset.source)
+    images, source = dataset.test_x.cpu(), datafiles.origin(dataset.source)
     if len(images) >= PARITY_IMAGES:
         return images, f"the {len(images):,} test images of {source}"
     extra = PARITY_IMAGES - len(images)

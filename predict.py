@@ -31,6 +31,7 @@ import torch
 import checkpoint
 import config
 import data
+import datafiles
 import export
 import models
 import runtime
@@ -104,7 +105,9 @@ def expand(paths, recursive, evaluate):
         path = Path(raw)
         if path.is_dir():
             pattern = "**/*" if (recursive or evaluate) else "*"
-            found = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS)
+            found = sorted(
+                p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in datafiles.IMAGE_EXTENSIONS
+            )
             items += [(p, None) for p in found] or [(path, "folder holds no image files")]
         elif path.exists():
             items.append((path, None))
@@ -119,12 +122,23 @@ def refuse_whole_dataset(paths):
     it), would score its training images too: it is refused, naming the
     held-out split to give instead."""
     for raw in map(Path, paths):
-        trees = sorted(folder.parent for folder in raw.rglob("train") if data.is_image_tree(folder.parent))
+        trees = sorted(folder.parent for folder in raw.rglob("train") if datafiles.is_image_tree(folder.parent))
         if trees:  # the outermost first: raw itself, when it is one
             where = "is" if trees[0] == raw else f"holds one, {trees[0]}:"
-            held_out = data.held_out_folder(trees[0])
+            held_out = datafiles.held_out_folder(trees[0])
             usage_error(f"{raw} {where} a whole dataset (train/ and {held_out.name}/): --evaluate on it would count "
                         f"the training images; give {held_out}, the held-out images")  # fmt: skip
+
+
+def refuse_foreign_folders(items, classes):
+    """--evaluate labels each image by its folder: every folder must be named after a class of the checkpoint."""
+    unknown = sorted({p.parent.name for p, error in items if error is None} - set(classes))
+    if unknown:
+        usage_error(
+            f"--evaluate needs <class>/<image> folders named after the checkpoint's classes; "
+            f"{', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not among "
+            f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}"
+        )
 
 
 def read_image(path, size, channels):
@@ -132,8 +146,8 @@ def read_image(path, size, channels):
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        return data.load_image(path, size, channels)
-    except data.DataError as error:
+        return datafiles.load_image(path, size, channels)
+    except datafiles.DataError as error:
         return str(error).removeprefix(f"{path}: ")
     except PermissionError:
         return "permission denied"
@@ -214,13 +228,7 @@ def main(argv=None):
     classes = checkpoint["classes"]
     items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
     if cfg["evaluate"]:
-        unknown = sorted({p.parent.name for p, error in items if error is None} - set(classes))
-        if unknown:
-            usage_error(
-                f"--evaluate needs <class>/<image> folders named after the checkpoint's classes; "
-                f"{', '.join(unknown[:5])} {'is' if len(unknown) == 1 else 'are'} not among "
-                f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}"
-            )
+        refuse_foreign_folders(items, classes)
 
     k = min(cfg["top_k"], len(classes))
     started = time.perf_counter()

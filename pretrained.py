@@ -158,6 +158,7 @@ def load_teacher(path, name, classes, in_channels):
         raise ValueError(f"{error}; {TEACHER_FILES}") from None
     checkpoint.refuse_unfinished(content)
     if isinstance(content, dict) and isinstance(content.get("model"), str) and "state_dict" in content:
+        checkpoint.check_format(content)
         if content["model"] != name:
             raise ValueError(f"holds a {content['model']}, not the --teacher {name}; pass --teacher {content['model']}")
         if content.get("classes") != list(classes):

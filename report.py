@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 import export
 import models
-from checkpoint import atomic_write, build_model
+from checkpoint import build_model
 from checkpoint import load as load_checkpoint
+from datafiles import atomic_write
 
 STAGE_COLOURS = {"teacher": "tab:blue", "student": "tab:orange", "distilled": "tab:green"}
 CURVES_SIZE = (10, 4)  # inches: with CURVES_DPI, curves.png is 1000 x 400 pixels
@@ -332,6 +333,124 @@ def write_results(out_dir, title, table, summary, checkpoints, in_channels, imag
     )
     atomic_write(Path(out_dir) / "results.json", lambda path: path.write_text(
         json.dumps({**summary, "compression": report}, indent=2) + "\n"))  # fmt: skip
+
+
+# ---------------------------------------------------------------- the results of a run
+
+CODE = ("git_commit", "git_dirty", "git_diff")  # what a record says of the code that made it
+
+
+def results_table(rows, num_classes):
+    """The stages side by side (with top-5 accuracy for more than 10 classes), then the distillation's gain."""
+    top5 = num_classes > 10
+    lines = [
+        f"| stage | model | method | params | test accuracy |{' top-5 |' if top5 else ''} train time |",
+        f"|---|---|---|---:|---:|{'---:|' if top5 else ''}---:|",
+    ]
+    for stage, m in rows.items():
+        top5_cell = f" {m['test_top5']:.2%} |" if top5 else ""
+        trained = "not trained here" if m["train_seconds"] is None else f"{m['train_seconds']:.0f} s"
+        lines.append(
+            f"| {stage} | {m['model']} | {m['method']} | {m['params']:,} | {m['test_acc']:.2%} |{top5_cell} {trained} |"
+        )
+    gain = distillation_gain(rows)
+    if gain is not None:
+        lines.append(f"\nDistillation gain: {gain:+.2f} points of test accuracy (distilled against student alone).")
+    return "\n".join(lines) + "\n"
+
+
+def distillation_gain(rows):
+    """Test accuracy points the distilled student gains over the student alone, or None without both."""
+    if "student" in rows and "distilled" in rows:
+        return round(100 * (rows["distilled"]["test_acc"] - rows["student"]["test_acc"]), 2)
+    return None
+
+
+def data_sources(rows):
+    """Where the stages' data came from, for results.md: one source, or one per
+    stage when they differ (a stage kept from a run on another copy of the data)."""
+    sources = {stage: m["data"] for stage, m in rows.items()}
+    if len(set(sources.values())) == 1:
+        return f"data: {next(iter(sources.values()))}\n"
+    return "data: " + "; ".join(f"{stage} from {source}" for stage, source in sources.items()) + "\n"
+
+
+def provenance_lines(rows):
+    """For results.md: the stages kept from earlier runs, each with the commit
+    that trained it (which may not be this run's code), and the stages resumed
+    under other code than the code that finished them; or ""."""
+
+    def code(m):
+        return commit_text(m["git_commit"], m["git_dirty"], m["git_diff"])
+
+    def epochs(m):
+        return ", ".join(f"{r['first_epoch']}-{r['last_epoch']} at {code(r)}" for r in m["earlier_code"])
+
+    kept = [f"{stage} (trained at {code(m)})" for stage, m in rows.items() if m["kept"]]
+    resumed = [f"{stage} (epochs {epochs(m)}, the rest at {code(m)})" for stage, m in rows.items() if m["earlier_code"]]
+    return (f"kept from earlier runs: {', '.join(kept)}\n" if kept else "") + (
+        f"resumed under other code: {', '.join(resumed)}\n" if resumed else ""
+    )
+
+
+def left_out_line(left_out):
+    """For results.md: the saved stages that the table leaves out, being of
+    other settings, with what differs; or ""."""
+    stages = "; ".join(f"{stage}.pt ({', '.join(changed)})" for stage, changed in left_out.items())
+    return f"left out, saved with other settings: {stages}\n" if stages else ""
+
+
+def results_text(rows, num_classes, left_out):
+    """The results table of a run (rows: each stage's metrics, with "kept"),
+    and the lines under it: where the data came from, which stages were kept
+    from earlier runs or resumed under other code, which were left out, and
+    the warnings of epochs whose validation collapsed."""
+    warnings = "".join(f"{warning}\n" for m in rows.values() for warning in m.get("warnings", []))
+    lines = data_sources(rows) + provenance_lines(rows) + left_out_line(left_out) + warnings
+    return results_table(rows, num_classes), lines
+
+
+def write_run(cfg, plan, results, out_dir, dataset, run):
+    """curves.png, results.md and results.json of a train.py run: the stages
+    side by side (results: {stage: metrics}; those kept from earlier runs
+    marked), the distillation's gain, the rows of `plan` (plan.make's), the
+    compression report, the curves and `run` (run_info)."""
+    draw_curves(out_dir, [stage for stage in plan.rows if stage in results])
+    rows = {stage: {**results[stage], "kept": row.saved is not None} for stage, row in plan.rows.items()
+            if stage in results}  # fmt: skip
+    table, sources = results_text(rows, len(dataset.classes), plan.left_out())
+    print(f"\nresults ({cfg['DATASET']}, test accuracy{' with flip TTA' if cfg['TTA'] else ''}):\n{table}\n"
+          f"{sources}")  # fmt: skip
+    summary = {"dataset": cfg["DATASET"], "stages": rows, "distillation_gain": distillation_gain(rows),
+               "left_out": plan.left_out(), "plan": plan.records(),
+               "run": run}  # fmt: skip
+    brought = cfg["TEACHER_CHECKPOINT"]
+    files = {stage: Path(brought) if stage == "teacher" and brought else out_dir / f"{stage}.pt" for stage in rows}
+    write_results(out_dir, cfg["DATASET"], f"{table}\n{sources}\n## Plan\n\n{plan.markdown()}", summary, files,
+                  dataset.in_channels, dataset.image_size, {"teacher": plan.teacher[0]} if brought else {})  # fmt: skip
+
+
+def code_of(record):
+    """The code that a log record or an epoch's running sums name."""
+    return {key: record[key] for key in CODE}
+
+
+def earlier_code(log, this_code):
+    """Runs of consecutive epochs of a resumed stage trained by code other than
+    `this_code`, as [{git_commit, git_dirty, git_diff, first_epoch, last_epoch}].
+    An epoch stopped part-way counts for the code on either side of the stop."""
+    epochs = []  # (epoch, code), in training order
+    for record in log:
+        if "begun_by" in record:
+            epochs.append((record["epoch"], code_of(record["begun_by"])))
+        epochs.append((record["epoch"], code_of(record)))
+    runs = []
+    for epoch, code in epochs:
+        if runs and runs[-1][0] == code:
+            runs[-1][2] = epoch
+        else:
+            runs.append([code, epoch, epoch])
+    return [{**code, "first_epoch": first, "last_epoch": last} for code, first, last in runs if code != this_code]
 
 
 # ---------------------------------------------------------------- training curves

@@ -142,8 +142,23 @@ def write_image_tree(root, classes=("cat", "dog", "fish"), per_class_train=8, pe
     return root
 
 
+RUNNING = {"slow": False}  # whether the test being run is marked slow
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    RUNNING["slow"] = item.get_closest_marker("slow") is not None  # before the fixtures, which may run scripts
+
+
+def whole_script():
+    """Fail a test that runs a whole script unless it is marked slow: the
+    everyday run (-m "not slow") leaves out exactly these."""
+    assert RUNNING["slow"], "a test that runs a whole script in a subprocess must be marked @pytest.mark.slow"
+
+
 def run_script(script, *args, cwd=None, timeout=600, env=None):
     """Run one of the repo's scripts in a subprocess; returns CompletedProcess."""
+    whole_script()
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import datafiles
 from conftest import CIFAR10_NAMES, FAST, assert_one_line_error, run_script
 
 
@@ -28,11 +29,11 @@ def test_empty_data_dir_without_download_loads_the_bundled_copy_and_says_so(out_
     assert dataset.classes == CIFAR10_NAMES
     assert torch.bincount(dataset.test_y).tolist() == [1000] * 10
     assert tuple(dataset.train_x.shape[1:]) == (3, 32, 32) and dataset.train_x.dtype == torch.uint8
-    assert dataset.source == f"{data.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo)"
+    assert dataset.source == f"{datafiles.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo)"
     line = capsys.readouterr().out.strip()
     assert line == (
         f"data: no CIFAR-10 in {empty}/ and downloads are off, so this run uses the copy bundled "
-        f"with the repo, {data.BUNDLED_CIFAR10}: JPEG at quality about 75, expect accuracies a few tenths "
+        f"with the repo, {datafiles.BUNDLED_CIFAR10}: JPEG at quality about 75, expect accuracies a few tenths "
         f"of a point below the lossless original, which is used instead once cifar-10-python.tar.gz is "
         f"in {empty}/"
     )
@@ -47,7 +48,7 @@ def test_a_failed_download_falls_back_to_the_bundled_copy(out_dir, tmp_path, cap
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    splits = data.load_cifar("cifar10", tmp_path / "data", [tmp_path / "data", out_dir / "cifar10"], 32)
+    splits = datafiles.load_cifar("cifar10", tmp_path / "data", [tmp_path / "data", out_dir / "cifar10"], 32)
     assert len(splits.train_y) == 50_000 and splits.classes == CIFAR10_NAMES
     assert (
         "and the download failed (<urlopen error [Errno -2] Name or service not known>), so this run uses the "
@@ -55,6 +56,7 @@ def test_a_failed_download_falls_back_to_the_bundled_copy(out_dir, tmp_path, cap
     ) in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_py_without_a_data_folder_or_network_uses_the_bundled_copy(out_dir, tmp_path):
     # the default --data-dir, data/, which does not exist in tmp_path; a --crop-padding as large as the images
     # stops the run right after loading, before any training
@@ -65,11 +67,12 @@ def test_train_py_without_a_data_folder_or_network_uses_the_bundled_copy(out_dir
         "data: no CIFAR-10 in data/ and downloads are off, so this run uses the copy bundled with the repo"
     )
     assert lines[1] == (
-        f"data: cifar10 from {data.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo): 10 classes, "
+        f"data: cifar10 from {datafiles.BUNDLED_CIFAR10} (the JPEG copy bundled with the repo): 10 classes, "
         f"3x32x32, 45,000 train, 5,000 val, 10,000 test"
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cifar10", "fashion-mnist"])
 def test_a_named_data_dir_that_does_not_exist_is_refused_without_download(tmp_path, dataset):
     """The stand-ins are for the default folder: a --data-dir typed wrong stops the run before any loading."""
@@ -84,6 +87,7 @@ def test_a_named_data_dir_that_does_not_exist_is_refused_without_download(tmp_pa
     assert result.stdout == "" and not missing.exists()
 
 
+@pytest.mark.slow
 def test_a_named_data_dir_without_the_data_is_not_replaced_by_the_bundled_copy(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -100,7 +104,7 @@ def test_without_fallback_a_failed_download_is_an_error(tmp_path, capsys, monkey
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(data.DataError, match="no cifar10 data in .* and the download failed"):
+    with pytest.raises(datafiles.DataError, match="no cifar10 data in .* and the download failed"):
         data.load("cifar10", tmp_path / "typo", download=True, fallback=False)
     assert capsys.readouterr().out == ""
 
@@ -109,7 +113,7 @@ def write_subset(root, per_class):
     """The first per_class[split] images of each class of the bundled copy, as
     a train/<class>/ + test/<class>/ tree of its JPEG files, unchanged."""
     taken = {}
-    with tarfile.open(data.BUNDLED_CIFAR10, "r:gz") as archive:
+    with tarfile.open(datafiles.BUNDLED_CIFAR10, "r:gz") as archive:
         for member in archive:
             split, label, name = PurePosixPath(member.name).parts[-3:] if member.isfile() else (None, None, None)
             if split in per_class and taken.get((split, label), 0) < per_class[split]:
@@ -120,6 +124,7 @@ def write_subset(root, per_class):
     return root
 
 
+@pytest.mark.slow
 def test_real_images_smoke_run(tmp_path):
     """One epoch of each stage on 2,000 real training images. On this 500-image
     test set the teacher reached 32 to 38% over seeds 0 to 4, with bf16 and

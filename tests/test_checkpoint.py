@@ -13,6 +13,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model = models.build("airnet_xs", 4, 3).eval()
     model(torch.randn(8, 3, 32, 32))  # nothing changes in eval mode, but exercise it
     saved = {
+        "format": checkpoint.FORMAT,
         "model": "airnet_xs",
         "num_classes": 4,
         "in_channels": 3,
@@ -55,3 +56,20 @@ def test_unreadable_files_get_a_short_reason_without_torchs_advice(tmp_path):
     (tmp_path / "folder.pt").mkdir()
     with pytest.raises(checkpoint.Unreadable, match=r"^cannot read it \(Is a directory\)$"):
         checkpoint.load(tmp_path / "folder.pt")
+
+
+def test_a_file_of_another_format_is_refused_naming_the_version_that_wrote_it(tmp_path):
+    content = {"model": "airnet_xs", "num_classes": 4, "in_channels": 3, "classes": list("abcd"), "state_dict": {}}
+    for found, which in ((None, "an older"), (1, "an older"), (checkpoint.FORMAT + 1, "a newer")):
+        torch.save(content if found is None else {**content, "format": found}, tmp_path / "c.pt")
+        with pytest.raises(checkpoint.OtherFormat) as error:
+            checkpoint.load(tmp_path / "c.pt")
+        assert str(error.value) == (
+            f"written by {which} version of this repo (file format {found or 1}; this version reads "
+            f"{checkpoint.FORMAT}); train it again with this version"
+        )
+    checkpoint.save_progress(tmp_path / "c.last.pt", {"progress": {}})
+    assert checkpoint.load_progress(tmp_path / "c.last.pt")["format"] == checkpoint.FORMAT
+    torch.save({"progress": {}}, tmp_path / "old.last.pt")
+    with pytest.raises(checkpoint.OtherFormat, match=r"file format 1; this version reads"):
+        checkpoint.load_progress(tmp_path / "old.last.pt")

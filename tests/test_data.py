@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import datafiles
 from conftest import CIFAR10_NAMES, tensor_dataset, write_cifar10, write_cifar100, write_fashion_mnist, write_image_tree
 
 
@@ -23,7 +24,7 @@ def check_splits(splits, n_train, n_test, shape, num_classes):
 @pytest.mark.parametrize("archive", [True, False])
 def test_cifar10_archive_and_folder(tmp_path, archive):
     write_cifar10(tmp_path, per_class_train=6, per_class_test=2, archive=archive)
-    splits = data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+    splits = datafiles.load_cifar("cifar10", tmp_path, [], 32, download=False)
     check_splits(splits, 60, 20, (3, 32, 32), 10)
     assert splits.classes == CIFAR10_NAMES
     assert torch.bincount(splits.train_y).tolist() == [6] * 10
@@ -31,7 +32,7 @@ def test_cifar10_archive_and_folder(tmp_path, archive):
 
 def test_cifar10_pixels_keep_their_channel_order(tmp_path):
     write_cifar10(tmp_path, archive=False)
-    splits = data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+    splits = datafiles.load_cifar("cifar10", tmp_path, [], 32, download=False)
     # the generator brightens channel label % 3 of every image
     for image, label in zip(splits.train_x[:10], splits.train_y[:10]):
         means = image.float().mean(dim=(1, 2))
@@ -41,22 +42,22 @@ def test_cifar10_pixels_keep_their_channel_order(tmp_path):
 @pytest.mark.parametrize("archive", [True, False])
 def test_cifar100_archive_and_folder(tmp_path, archive):
     write_cifar100(tmp_path, archive=archive)
-    splits = data.load_cifar("cifar100", tmp_path, [], 32, download=False)
+    splits = datafiles.load_cifar("cifar100", tmp_path, [], 32, download=False)
     check_splits(splits, 200, 100, (3, 32, 32), 100)
     assert splits.classes[:2] == ["class000", "class001"]
 
 
 def test_cifar_image_tree(tmp_path):
     write_image_tree(tmp_path, classes=CIFAR10_NAMES[:4], per_class_train=3, per_class_test=2, mixed=False)
-    splits = data.load_cifar("cifar10", tmp_path, [tmp_path], 32, download=False)
+    splits = datafiles.load_cifar("cifar10", tmp_path, [tmp_path], 32, download=False)
     check_splits(splits, 12, 8, (3, 32, 32), 4)
     assert splits.classes == CIFAR10_NAMES[:4]
 
 
 def test_corrupt_cifar_archive_is_named(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b garbage")
-    with pytest.raises(data.DataError, match="cifar-10-python.tar.gz: corrupt"):
-        data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+    with pytest.raises(datafiles.DataError, match="cifar-10-python.tar.gz: corrupt"):
+        datafiles.load_cifar("cifar10", tmp_path, [], 32, download=False)
 
 
 def test_crafted_cifar_pickle_is_refused(tmp_path):
@@ -69,14 +70,14 @@ def test_crafted_cifar_pickle_is_refused(tmp_path):
     import pickle
 
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
-    with pytest.raises(data.DataError, match="data_batch_1"):
-        data.load_cifar("cifar10", tmp_path, [], 32, download=False)
+    with pytest.raises(datafiles.DataError, match="data_batch_1"):
+        datafiles.load_cifar("cifar10", tmp_path, [], 32, download=False)
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
 
 
 def test_missing_data_says_where_and_how(tmp_path):
-    with pytest.raises(data.DataError) as error:  # (cifar10 falls back to the bundled copy: tests/test_bundled.py)
-        data.load_cifar("cifar100", tmp_path / "nowhere", [], 32, download=False)
+    with pytest.raises(datafiles.DataError) as error:  # (cifar10 falls back to the bundled copy: tests/test_bundled.py)
+        datafiles.load_cifar("cifar100", tmp_path / "nowhere", [], 32, download=False)
     assert "nowhere" in str(error.value) and "cifar-100-python.tar.gz" in str(error.value)
     assert "--data-dir" in str(error.value)
 
@@ -84,7 +85,7 @@ def test_missing_data_says_where_and_how(tmp_path):
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_mnist_idx(tmp_path, compress):
     arrays = write_fashion_mnist(tmp_path, compress=compress)
-    splits = data.load_fashion_mnist("fashion-mnist", tmp_path, [], 28, download=False)
+    splits = datafiles.load_fashion_mnist("fashion-mnist", tmp_path, [], 28, download=False)
     check_splits(splits, 40, 20, (1, 28, 28), 10)
     assert torch.equal(splits.train_x[:, 0], torch.from_numpy(arrays["train"][0]))
     assert splits.train_y.tolist() == arrays["train"][1].tolist()
@@ -93,12 +94,12 @@ def test_fashion_mnist_idx(tmp_path, compress):
 
 def test_the_system_fashion_mnist_stands_in_only_with_fallback(tmp_path, monkeypatch):
     write_fashion_mnist(tmp_path / "system")
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "system"))
+    monkeypatch.setattr(datafiles, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "system"))
     (tmp_path / "empty").mkdir()
-    splits = data.load_fashion_mnist("fashion-mnist", tmp_path / "empty", [], 28, download=False)
+    splits = datafiles.load_fashion_mnist("fashion-mnist", tmp_path / "empty", [], 28, download=False)
     assert splits.source == str(tmp_path / "system") and len(splits.train_y) == 40
-    with pytest.raises(data.DataError) as error:
-        data.load_fashion_mnist("fashion-mnist", tmp_path / "empty", [], 28, download=False, fallback=False)
+    with pytest.raises(datafiles.DataError) as error:
+        datafiles.load_fashion_mnist("fashion-mnist", tmp_path / "empty", [], 28, download=False, fallback=False)
     assert str(error.value) == (
         f"no Fashion-MNIST IDX files in {tmp_path / 'empty'}, {tmp_path / 'empty' / 'FashionMNIST' / 'raw'}; "
         f"put the four *-ubyte.gz files in {tmp_path / 'empty'} (or point --data-dir at them)"
@@ -109,13 +110,13 @@ def test_truncated_idx_is_named(tmp_path):
     write_fashion_mnist(tmp_path, compress=False)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(data.DataError, match="train-images-idx3-ubyte: corrupt"):
-        data.load_fashion_mnist("fashion-mnist", tmp_path, [], 28, download=False)
+    with pytest.raises(datafiles.DataError, match="train-images-idx3-ubyte: corrupt"):
+        datafiles.load_fashion_mnist("fashion-mnist", tmp_path, [], 28, download=False)
 
 
 def test_folder_of_mixed_sizes_and_modes(tmp_path):
     root = write_image_tree(tmp_path / "tree", per_class_train=8, per_class_test=3, mixed=True)
-    splits = data.load_folder("folder", root, [tmp_path / "cache"], 24)
+    splits = datafiles.load_folder("folder", root, [tmp_path / "cache"], 24)
     check_splits(splits, 24, 9, (3, 24, 24), 3)
     assert splits.classes == ["cat", "dog", "fish"]
     assert splits.train_y.tolist() == [0] * 8 + [1] * 8 + [2] * 8
@@ -126,8 +127,8 @@ def test_a_val_or_validation_folder_is_the_held_out_split(tmp_path, held_out):
     root = write_image_tree(tmp_path / "tree", per_class_train=3, per_class_test=2, mixed=False)
     (root / "test").rename(root / held_out)
     for splits in (
-        data.load_folder("folder", root, [tmp_path / "cache"], 32),
-        data.load_cifar("cifar10", root, [tmp_path / "cache"], 32, download=False),
+        datafiles.load_folder("folder", root, [tmp_path / "cache"], 32),
+        datafiles.load_cifar("cifar10", root, [tmp_path / "cache"], 32, download=False),
     ):
         check_splits(splits, 9, 6, (3, 32, 32), 3)
         assert splits.test_y.tolist() == [0, 0, 1, 1, 2, 2]
@@ -136,24 +137,24 @@ def test_a_val_or_validation_folder_is_the_held_out_split(tmp_path, held_out):
 def test_image_tree_cache_is_reused_and_rebuilt_on_change(tmp_path):
     root = write_image_tree(tmp_path / "tree", per_class_train=2, per_class_test=1, mixed=False)
     (tmp_path / "unwritable").write_text("a file where a folder should be")
-    first = data.load_folder("folder", root, [tmp_path / "unwritable", tmp_path / "out"], 32)
+    first = datafiles.load_folder("folder", root, [tmp_path / "unwritable", tmp_path / "out"], 32)
     caches = list((tmp_path / "out").glob(".decoded-*.pt"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
-    again = data.load_folder("folder", root, [tmp_path / "out"], 32)
+    again = datafiles.load_folder("folder", root, [tmp_path / "out"], 32)
     assert caches[0].stat().st_mtime_ns == stamp and "cached" in again.source
     assert torch.equal(first.train_x, again.train_x)
     time.sleep(0.01)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "cat" / "extra.png")
-    changed = data.load_folder("folder", root, [tmp_path / "out"], 32)
+    changed = datafiles.load_folder("folder", root, [tmp_path / "out"], 32)
     assert len(changed.train_y) == len(first.train_y) + 1
 
 
 def test_corrupt_image_in_tree_is_named(tmp_path):
     root = write_image_tree(tmp_path, per_class_train=2, per_class_test=1, mixed=False)
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"this is not a jpeg")
-    with pytest.raises(data.DataError, match="broken.jpg"):
-        data.load_folder("folder", root, [tmp_path], 32)
+    with pytest.raises(datafiles.DataError, match="broken.jpg"):
+        datafiles.load_folder("folder", root, [tmp_path], 32)
 
 
 TREE_MISTAKES = {  # mistake -> what the error says, {root} standing for the tree
@@ -195,8 +196,8 @@ def test_splits_that_disagree_on_the_classes_are_refused_before_decoding(tmp_pat
     else:
         (root / "test" / "dog" / "0000.png").rename(root / "test" / "dog" / "notes.txt")  # a folder without images
         shutil.rmtree(root / "test" / "fish")
-    with pytest.raises(data.DataError) as error:
-        data.load_folder("folder", root, [tmp_path / "cache"], 32)
+    with pytest.raises(datafiles.DataError) as error:
+        datafiles.load_folder("folder", root, [tmp_path / "cache"], 32)
     assert str(error.value).startswith(TREE_MISTAKES[mistake].format(root=root))
 
 
@@ -338,10 +339,10 @@ def test_a_download_reaches_the_data_folder_whole_or_not_at_all(tmp_path, monkey
             raise KeyboardInterrupt
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Complete)
-    splits = data.load_cifar("cifar10", tmp_path / "new", [tmp_path / "new"], 32)
+    splits = datafiles.load_cifar("cifar10", tmp_path / "new", [tmp_path / "new"], 32)
     assert len(splits.train_y) == 60 and splits.classes == CIFAR10_NAMES
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["cifar-10-python.tar.gz"]
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", CutShort)
     with pytest.raises(KeyboardInterrupt):
-        data.load_cifar("cifar10", tmp_path / "cut", [tmp_path / "cut"], 32, fallback=False)
+        datafiles.load_cifar("cifar10", tmp_path / "cut", [tmp_path / "cut"], 32, fallback=False)
     assert list((tmp_path / "cut").iterdir()) == []  # nothing that the next run would take for the dataset

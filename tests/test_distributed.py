@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import models
-from conftest import FAST, ROOT, write_cifar10
+from conftest import FAST, ROOT, whole_script, write_cifar10
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def torchrun_command(*args, processes=2):
+    whole_script()
     return [
         sys.executable,
         "-m",
@@ -44,6 +45,7 @@ def easy_cifar(tmp_path_factory):
     return root / "data"
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model_and_rank_zero_writes_once(easy_cifar, tmp_path):
     """Every process ends each stage with the same weights (one model, not two), and only rank 0 writes."""
     digests = tmp_path / "digests"
@@ -67,6 +69,7 @@ def test_two_processes_train_one_model_and_rank_zero_writes_once(easy_cifar, tmp
     assert checkpoint.load(folder / "teacher.pt")["metrics"]["test_acc"] > 0.5  # the easy data is learnt
 
 
+@pytest.mark.slow
 def test_a_signal_stops_the_job_at_the_end_of_an_epoch_and_resume_goes_on(easy_cifar, tmp_path):
     args = ["--data-dir", easy_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher", "--epochs", "40"]
     log = tmp_path / "cifar10" / "teacher.last.jsonl"  # the log of the stage in progress
@@ -92,6 +95,7 @@ def test_a_signal_stops_the_job_at_the_end_of_an_epoch_and_resume_goes_on(easy_c
     assert [json.loads(line)["epoch"] for line in finished] == list(range(1, 41)) and not log.exists()
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_split_evenly_is_refused(easy_cifar, tmp_path):
     result = torchrun("--data-dir", easy_cifar, "--out-dir", tmp_path, *FAST, "--batch-size", "15")
     assert result.returncode != 0
@@ -99,6 +103,7 @@ def test_a_batch_that_does_not_split_evenly_is_refused(easy_cifar, tmp_path):
     assert 'Traceback (most recent call last):\n  File "' + str(ROOT / "train.py") not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_brought_teacher_distils_under_torchrun(easy_cifar, tmp_path):
     """Every process loads the --teacher-checkpoint file, and the distilled student names that file's digest."""
     teacher_file = tmp_path / "teacher_weights.pt"

@@ -42,6 +42,7 @@ def figures(stdout):
     return largest, agreement
 
 
+@pytest.mark.slow
 def test_onnx_round_trip_matches_pytorch_and_carries_the_class_names(trained, tmp_path):
     checkpoint, _ = trained
     out = tmp_path / "model.onnx"
@@ -64,6 +65,7 @@ def test_onnx_round_trip_matches_pytorch_and_carries_the_class_names(trained, tm
     assert list(tmp_path.iterdir()) == [out]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_pt2_round_trip_matches_pytorch_and_carries_the_class_names(trained, tmp_path):
     checkpoint, _ = trained
     result = run_script("export.py", "--checkpoint", checkpoint, "--format", "pt2", "--out", tmp_path / "model.pt2")
@@ -77,6 +79,7 @@ def test_pt2_round_trip_matches_pytorch_and_carries_the_class_names(trained, tmp
     assert (program(images) - reference(checkpoint, images)).abs().max() <= export.TOLERANCE
 
 
+@pytest.mark.slow
 def test_defaults_export_the_distilled_checkpoint_beside_it_and_no_tta_turns_flips_off(trained, tmp_path):
     checkpoint, _ = trained
     folder = tmp_path / "cifar10"
@@ -91,6 +94,7 @@ def test_defaults_export_the_distilled_checkpoint_beside_it_and_no_tta_turns_fli
     assert (got - reference(folder / "distilled.pt", images, tta=False)).abs().max() <= export.TOLERANCE
 
 
+@pytest.mark.slow
 def test_data_dir_checks_on_the_test_split_topped_up_to_a_thousand(trained, tmp_path):
     checkpoint, data_dir = trained
     result = run_script("export.py", "--checkpoint", checkpoint, "--out", tmp_path / "m.onnx", "--data-dir", data_dir)
@@ -99,6 +103,7 @@ def test_data_dir_checks_on_the_test_split_topped_up_to_a_thousand(trained, tmp_
     assert f"parity on 1,000 images (40 test images of {source}, 960 generated)" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_data_dir_without_the_data_is_one_line_and_not_replaced_by_the_bundled_copy(trained, tmp_path):
     checkpoint, _ = trained
     (tmp_path / "empty").mkdir()
@@ -112,6 +117,7 @@ def test_a_data_dir_without_the_data_is_one_line_and_not_replaced_by_the_bundled
     assert result.stdout == "" and not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_a_model_changed_after_export_fails_the_check_and_leaves_no_file(trained, tmp_path, monkeypatch, capsys, fmt):
     checkpoint, _ = trained
@@ -133,6 +139,7 @@ def test_a_model_changed_after_export_fails_the_check_and_leaves_no_file(trained
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_line(trained, tmp_path):
     checkpoint, _ = trained
     result = run_script("export.py", "--out-dir", tmp_path, "--dataset", "cifar100")
@@ -164,6 +171,7 @@ def exported(trained, tmp_path_factory):
     return checkpoint, out
 
 
+@pytest.mark.slow
 def test_predict_with_the_onnx_file_gives_the_checkpoints_answers_bad_files_included(exported, tmp_path):
     checkpoint, onnx_file = exported
     files = []
@@ -189,6 +197,7 @@ def test_predict_with_the_onnx_file_gives_the_checkpoints_answers_bad_files_incl
             assert a["class"] == b["class"] and abs(a["prob"] - b["prob"]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_predict_evaluate_with_the_onnx_file(exported, tmp_path):
     checkpoint, onnx_file = exported
     tree = tmp_path / "tree"
@@ -223,6 +232,7 @@ BAD_ONNX = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(BAD_ONNX))
 def test_bad_onnx_file_is_one_line(exported, tmp_path, kind):
     _, onnx_file = exported
@@ -233,6 +243,7 @@ def test_bad_onnx_file_is_one_line(exported, tmp_path, kind):
     assert_one_line_error(result, str(path), BAD_ONNX[kind], code=2)
 
 
+@pytest.mark.slow
 def test_onnx_input_is_the_uint8_batch_predict_decodes(exported):
     _, onnx_file = exported
     classifier = export.OnnxClassifier(onnx_file)

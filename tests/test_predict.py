@@ -13,6 +13,7 @@ from PIL import Image
 
 import checkpoint
 import data
+import datafiles
 from conftest import assert_one_line_error, coloured_images, run_script, train_teacher, write_image_tree
 
 CLASSES = ["cat", "dog", "fish"]
@@ -41,13 +42,14 @@ def direct_top1(checkpoint_path, files):
     """Top-1 of the saved's model on the files, computed without predict.py."""
     saved = checkpoint.load(checkpoint_path)
     model = checkpoint.build_model(saved).eval()
-    images = torch.from_numpy(np.stack([data.load_image(f, saved["image_size"], 3) for f in files]))
+    images = torch.from_numpy(np.stack([datafiles.load_image(f, saved["image_size"], 3) for f in files]))
     batch = data.normalize(images, saved["mean"], saved["std"])
     with torch.no_grad():
         probs = model(batch).softmax(1) + model(batch.flip(-1)).softmax(1)
     return [saved["classes"][i] for i in probs.argmax(1).tolist()]
 
 
+@pytest.mark.slow
 def test_predictions_match_the_model_run_directly(trained, tmp_path):
     checkpoint, tree = trained
     files = []
@@ -66,6 +68,7 @@ def test_predictions_match_the_model_run_directly(trained, tmp_path):
     assert [item["predictions"][0]["class"] for item in items] == direct_top1(checkpoint, files)
 
 
+@pytest.mark.slow
 def test_plain_output_is_one_line_per_file_with_percentages(trained, tmp_path, good):
     checkpoint, _ = trained
     result = predict(checkpoint, good, "--top-k", "3")
@@ -74,6 +77,7 @@ def test_plain_output_is_one_line_per_file_with_percentages(trained, tmp_path, g
     assert len(lines) == 1 and lines[0].startswith(f"{good}: ") and lines[0].count("%") == 3
 
 
+@pytest.mark.slow
 def test_folder_input_is_sorted_and_recursive_is_opt_in(trained, tmp_path, good):
     checkpoint, _ = trained
     folder = tmp_path / "folder"
@@ -87,6 +91,7 @@ def test_folder_input_is_sorted_and_recursive_is_opt_in(trained, tmp_path, good)
     assert sorted(os.path.basename(i["file"]) for i in deep) == ["a.png", "b.png", "c.png"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "LA", "I;16"])
 def test_every_image_mode_gives_a_prediction(trained, tmp_path, mode):
     checkpoint, _ = trained
@@ -97,7 +102,7 @@ def test_every_image_mode_gives_a_prediction(trained, tmp_path, mode):
         picture = picture.convert(mode)
     path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
     picture.save(path)
-    assert data.load_image(path, 32, 3).shape == (3, 32, 32)
+    assert datafiles.load_image(path, 32, 3).shape == (3, 32, 32)
     items = json.loads(predict(checkpoint, path, "--json").stdout)
     assert items[0]["predictions"][0]["class"] in CLASSES
 
@@ -109,7 +114,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
     image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    loaded = data.load_image(tmp_path / "rotated.jpg", 20, 3)
+    loaded = datafiles.load_image(tmp_path / "rotated.jpg", 20, 3)
     assert loaded[:, :5].mean() > 200 and loaded[:, -5:].mean() < 50  # white is on top after rotation
 
 
@@ -160,6 +165,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
 def test_bad_file_is_one_line_and_good_files_still_classified(trained, tmp_path, good, kind):
     checkpoint, _ = trained
@@ -172,6 +178,7 @@ def test_bad_file_is_one_line_and_good_files_still_classified(trained, tmp_path,
     assert "error" in items[0] and items[1]["predictions"]
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_reported(trained, tmp_path, good):
     checkpoint, _ = trained
     locked = tmp_path / "locked.png"
@@ -197,6 +204,7 @@ def test_unreadable_file_is_reported(trained, tmp_path, good):
     assert result.stdout.startswith(f"{good}: ")
 
 
+@pytest.mark.slow
 def test_evaluate_reports_accuracy_equal_to_direct_computation(trained):
     checkpoint, tree = trained
     result = predict(checkpoint, tree / "test", "--evaluate")
@@ -209,6 +217,7 @@ def test_evaluate_reports_accuracy_equal_to_direct_computation(trained):
         assert name in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_whole_dataset_folder_points_at_its_held_out_images(trained):
     checkpoint, tree = trained
     result = predict(checkpoint, tree, "--evaluate")
@@ -218,6 +227,7 @@ def test_evaluate_on_a_whole_dataset_folder_points_at_its_held_out_images(traine
     assert_one_line_error(result, f"{tree.parent} holds one, {tree}: a whole dataset", f"give {tree / 'test'}", code=2)
 
 
+@pytest.mark.slow
 def test_evaluate_where_no_image_decodes_reports_each_file_and_no_accuracy(trained, tmp_path):
     checkpoint, _ = trained
     (tmp_path / "tree" / "cat").mkdir(parents=True)
@@ -227,6 +237,7 @@ def test_evaluate_where_no_image_decodes_reports_each_file_and_no_accuracy(train
     assert "accuracy 0.00% on 0 images" in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_with_foreign_folder_names_says_so(trained, tmp_path, good):
     checkpoint, _ = trained
     (tmp_path / "tree" / "zebra").mkdir(parents=True)
@@ -261,6 +272,7 @@ BAD_CHECKPOINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
 def test_bad_checkpoint_is_one_line(trained, tmp_path, good, kind):
     checkpoint, _ = trained
@@ -269,6 +281,7 @@ def test_bad_checkpoint_is_one_line(trained, tmp_path, good, kind):
     assert_one_line_error(result, str(path), BAD_CHECKPOINTS[kind], code=2)
 
 
+@pytest.mark.slow
 def test_a_text_file_given_as_checkpoint_is_named_as_such(tmp_path, good):
     path = corrupt_checkpoint("not-a-checkpoint", tmp_path, None)
     result = predict(path, good)
@@ -283,6 +296,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
@@ -297,6 +311,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dataset,how",
     [
@@ -314,6 +329,7 @@ def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good, dataset,
     assert_one_line_error(result, expected, code=2)
 
 
+@pytest.mark.slow
 def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, tmp_path, good):
     checkpoint, _ = trained
     (tmp_path / "folder").mkdir()
@@ -333,6 +349,7 @@ def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, 
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,flag",
     [

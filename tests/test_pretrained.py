@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import models
 import pretrained
 from conftest import FAST, assert_one_line_error, run_script, write_cifar10
@@ -103,7 +104,8 @@ def test_bare_state_dicts_load_with_our_names_or_theirs_and_a_dataparallel_prefi
 
 def test_this_repos_checkpoint_loads_and_must_name_the_teacher_and_classes(tmp_path):
     model = models.build("resnet8", 10)
-    checkpoint = {
+    saved = {
+        "format": checkpoint.FORMAT,
         "stage": "teacher",
         "model": "resnet8",
         "num_classes": 10,
@@ -114,13 +116,16 @@ def test_this_repos_checkpoint_loads_and_must_name_the_teacher_and_classes(tmp_p
         "std": [0.25] * 3,
         "state_dict": model.state_dict(),
     }
-    torch.save(checkpoint, tmp_path / "teacher.pt")
+    torch.save(saved, tmp_path / "teacher.pt")
     _, kind = pretrained.load_teacher(tmp_path / "teacher.pt", "resnet8", CLASSES, 3)
     assert "teacher checkpoint of this repo" in kind
     with pytest.raises(ValueError, match="holds a resnet8, not the --teacher resnet14; pass --teacher resnet8"):
         pretrained.load_teacher(tmp_path / "teacher.pt", "resnet14", CLASSES, 3)
     with pytest.raises(ValueError, match="other classes"):
         pretrained.load_teacher(tmp_path / "teacher.pt", "resnet8", [c + "x" for c in CLASSES], 3)
+    torch.save({**saved, "format": 1}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"^written by an older version of this repo \(file format 1;"):
+        pretrained.load_teacher(tmp_path / "old.pt", "resnet8", CLASSES, 3)
 
 
 class RunsCode:
@@ -169,6 +174,7 @@ def tiny_cifar(tmp_path_factory):
     return root / "data"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["bare state dict, our names", "{'model': ...}, RepDistiller's names"])
 def test_a_brought_teacher_is_measured_then_distilled_from(tiny_cifar, tmp_path, layout):
     path = tmp_path / "teacher.pth"
@@ -204,6 +210,7 @@ def test_a_brought_teacher_is_measured_then_distilled_from(tiny_cifar, tmp_path,
     assert "| teacher | resnet8 |" in (folder / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_teacher_file_that_does_not_fit_stops_the_run_in_one_line(tiny_cifar, tmp_path):
     torch.save(models.build("resnet8", 10).state_dict(), tmp_path / "resnet8.pt")
     (tmp_path / "notes.txt").write_text("not weights")

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 import config
 import data
+import datafiles
 import distill
 import models
 from conftest import ROOT
 
-MODULES = {"models.py": (models, "MODELS"), "distill.py": (distill, "METHODS"), "data.py": (data, "DATASETS")}
+MODULES = {"models.py": (models, "MODELS"), "distill.py": (distill, "METHODS"), "data.py": (data, "DATASETS"),
+           "datafiles.py": (datafiles, None)}  # fmt: skip
 
 
 def examples():
@@ -72,6 +74,9 @@ def test_the_method_example_gives_the_loss_it_describes(monkeypatch):
 
 
 def test_the_dataset_example_loads_the_file_it_describes(monkeypatch, tmp_path):
+    loader = {}
+    exec(compile(examples()["datafiles.py"], "README.md, the datafiles.py example", "exec"), vars(datafiles), loader)
+    monkeypatch.setattr(datafiles, "load_npz", loader["load_npz"], raising=False)
     name = run_example("data.py", monkeypatch)
     assert config.RULES["DATASET"](name) is None  # --dataset NAME is accepted
     rng = np.random.default_rng(0)
@@ -88,5 +93,5 @@ def test_the_dataset_example_loads_the_file_it_describes(monkeypatch, tmp_path):
     assert (len(loaded.train_y), len(loaded.val_y), len(loaded.test_y)) == (30, 10, 10)
     assert torch.equal(loaded.test_x, torch.from_numpy(arrays["test_x"]))
     assert loaded.val_y.bincount().tolist() == [5, 5]  # the validation split is stratified
-    with pytest.raises(data.DataError, match=f"{name}.npz"):
+    with pytest.raises(datafiles.DataError, match=f"{name}.npz"):
         data.load(name, tmp_path / "elsewhere")

@@ -184,6 +184,7 @@ def test_outside_a_git_checkout_there_is_no_commit(monkeypatch):
     assert "not a git checkout" in report.run_markdown(report.run_info(3, torch.device("cpu"), False, git))
 
 
+@pytest.mark.slow
 def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path):
     write_cifar10(tmp_path / "data", per_class_train=4, per_class_test=2)
     args = ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", *FAST, "--seed", "3"]
@@ -199,6 +200,45 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
     assert run["seed"] == 3 and run["torch"] == torch.__version__ and run["device"] == "cpu"
     assert isinstance(run["bf16"], bool) and run["device_name"]
     assert run["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", run["git_commit"])
+    assert_compression_report(results, folder)
+    markdown = (folder / "results.md").read_text()
+    assert "## Compression" in markdown and "Student / teacher: checkpoint" in markdown
+    assert "![training curves](curves.png)" in markdown and "Seed 3" in markdown
+    assert [(r["stage"], r["action"]) for r in results["plan"]] == [(stage, "train") for stage in STAGES]
+    assert "## Plan" in markdown and "| distilled | train | airnet_xs, 1 epoch, lr 0.008, method kd" in markdown
+
+    code = ("git_commit", "git_dirty", "git_diff")
+    for stage in STAGES:  # each stage names the code that trained it, the run's
+        row = results["stages"][stage]
+        assert [row[k] for k in code] == [run[k] for k in code] and not row["kept"]
+        assert row["earlier_code"] == []
+    assert "kept from earlier runs" not in markdown
+
+    (folder / "curves.png").unlink()  # a run that trains nothing still draws the stages it skipped
+    for stage, metrics in (
+        ("student", {"git_commit": "0123456789abcdef" * 2 + "01234567", "git_dirty": True, "git_diff": None}),
+        ("teacher", {"git_commit": None, "git_dirty": None, "git_diff": None}),
+    ):  # as if other code had trained the student, and code outside a git checkout the teacher
+        saved = torch.load(folder / f"{stage}.pt", weights_only=True)
+        saved["metrics"].update(metrics)
+        torch.save(saved, folder / f"{stage}.pt")
+    again = run_script("train.py", *args, "--stages", "student")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "skipping" in again.stdout and png_size(folder / "curves.png") == (1000, 400)
+    line = (
+        "kept from earlier runs: teacher (trained at an unknown commit), student (trained at commit "
+        "`0123456789ab` with uncommitted changes)"
+    )  # the distilled stage's teacher file changed: left out
+    assert line in again.stdout and line in (folder / "results.md").read_text()
+    results = json.loads((folder / "results.json").read_text())
+    rows = results["stages"]
+    assert rows["teacher"]["kept"] and rows["teacher"]["git_commit"] is None and "distilled" not in rows
+    assert rows["teacher"]["earlier_code"] == [] and "resumed under other code" not in again.stdout
+    assert [r["action"] for r in results["plan"]] == ["keep", "keep", "skip"]
+
+
+def assert_compression_report(results, folder):
+    """Every stage measured, and the student and the distilled student, one network, timed once."""
     rows = results["compression"]["rows"]
     assert list(rows) == list(STAGES)
     for stage, row in rows.items():
@@ -209,41 +249,10 @@ def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path)
             assert 0 < speed["latency_ms"] <= speed["latency_p90_ms"] and speed["throughput"] > 0
         assert row["macs"] > 0
     assert rows["student"]["macs"] == rows["distilled"]["macs"] < rows["teacher"]["macs"]
-    timed = ("latency_ms", "throughput", "pytorch")  # one network, timed once
+    timed = ("latency_ms", "throughput", "pytorch")
     assert {k: rows["student"][k] for k in timed} == {k: rows["distilled"][k] for k in timed}
     ratios = results["compression"]["student_vs_teacher"]
     assert ratios["macs"] == pytest.approx(rows["student"]["macs"] / rows["teacher"]["macs"])
-    markdown = (folder / "results.md").read_text()
-    assert "## Compression" in markdown and "Student / teacher: checkpoint" in markdown
-    assert "![training curves](curves.png)" in markdown and "Seed 3" in markdown
-
-    code = ("git_commit", "git_dirty", "git_diff")
-    for stage in STAGES:  # each stage names the code that trained it, the run's
-        row = results["stages"][stage]
-        assert [row[k] for k in code] == [run[k] for k in code] and not row["kept"]
-        assert row["earlier_code"] == []
-    assert "kept from earlier runs" not in markdown
-
-    (folder / "curves.png").unlink()  # a run that trains nothing still draws the stages it skipped
-    train_code = ("git_commit", "git_dirty", "git_diff", "earlier_code")  # what metrics say of the code that trained it
-    for stage, metrics in (
-        ("student", {"git_commit": "0123456789abcdef" * 2 + "01234567", "git_dirty": True}),
-        ("teacher", {}),
-    ):  # as if other code had trained the student, and code too old to say the teacher
-        saved = torch.load(folder / f"{stage}.pt", weights_only=True)
-        saved["metrics"] = {k: v for k, v in saved["metrics"].items() if k not in train_code} | metrics
-        torch.save(saved, folder / f"{stage}.pt")
-    again = run_script("train.py", *args, "--stages", "student")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "skipping" in again.stdout and png_size(folder / "curves.png") == (1000, 400)
-    line = (
-        "kept from earlier runs: teacher (trained at an unknown commit), student (trained at commit "
-        "`0123456789ab` with uncommitted changes)"
-    )  # the distilled stage's teacher file changed: left out
-    assert line in again.stdout and line in (folder / "results.md").read_text()
-    rows = json.loads((folder / "results.json").read_text())["stages"]
-    assert rows["teacher"]["kept"] and rows["teacher"]["git_commit"] is None and "distilled" not in rows
-    assert rows["teacher"]["earlier_code"] is None and "resumed under other code" not in again.stdout
 
 
 def test_a_failed_export_or_report_still_writes_the_results(tmp_path, monkeypatch, capsys):

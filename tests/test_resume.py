@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import checkpoint
+import datafiles
 import models
 import report
-from conftest import FAST, ROOT, assert_one_line_error, run_script, write_cifar10
+from conftest import FAST, ROOT, assert_one_line_error, run_script, whole_script, write_cifar10
 
 # enough epochs on tiny data that a stage is still running when the first .last.pt appears
 SLOW = [*FAST, "--stages", "teacher", "--epochs", "12", "--teacher", "airnet_xs", "--deterministic"]
@@ -27,6 +28,7 @@ def tiny_cifar(tmp_path):
 
 
 def start(data_dir, out, *extra):
+    whole_script()
     command = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -79,6 +81,7 @@ def assert_same_weights(expected, path):
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ"
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_weights):
     out = tmp_path / "killed"
     kill_after_first_epoch(tiny_cifar, out)
@@ -113,6 +116,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cifar, tmp_path, reference_
     assert line in resumed.stdout and line in (out / "cifar10" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_stopped_fresh_run_keeps_the_finished_stage_and_its_log(tiny_cifar, tmp_path):
     finished = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher")
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -123,6 +127,7 @@ def test_a_stopped_fresh_run_keeps_the_finished_stage_and_its_log(tiny_cifar, tm
     assert json.loads((folder / "teacher.last.jsonl").read_text().splitlines()[0])["epoch"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, reference_weights, signum, code):
     out = tmp_path / "out"
@@ -135,16 +140,17 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
     state = torch.load(out / "cifar10" / "teacher.last.pt", weights_only=True)
     assert state["stage"] == "teacher" and state["progress"]["epoch"] >= 1
     done, mid_epoch = state["progress"]["epoch"] - 1, state["progress"]["sums"] is not None
-    for record in state["progress"]["log"]:  # as if logged by code too old to name itself
-        del record["git_commit"], record["git_dirty"], record["git_diff"]
+    outside = {"git_commit": None, "git_dirty": None, "git_diff": None}
+    for record in state["progress"]["log"]:  # as if logged outside a git checkout
+        record.update(outside)
     if mid_epoch:  # and the epoch in progress begun by other code
-        state["progress"]["sums"]["code"] = {"git_commit": "e" * 40, "git_dirty": True}
+        state["progress"]["sums"]["code"] = {"git_commit": "e" * 40, "git_dirty": True, "git_diff": None}
     torch.save(state, out / "cifar10" / "teacher.last.pt")
     resumed = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = checkpoint.load(out / "cifar10" / "teacher.pt")["metrics"]
     assert metrics["epochs"] == 12
-    unknown = [{"git_commit": None, "git_dirty": None, "git_diff": None, "first_epoch": 1, "last_epoch": done}]
+    unknown = [{**outside, "first_epoch": 1, "last_epoch": done}]
     begun = [{"git_commit": "e" * 40, "git_dirty": True, "git_diff": None, "first_epoch": done + 1,
               "last_epoch": done + 1}]  # fmt: skip
     assert metrics["earlier_code"] == (unknown if done else []) + (begun if mid_epoch else [])
@@ -152,6 +158,7 @@ def test_signal_saves_progress_and_exits_with_its_code(tiny_cifar, tmp_path, ref
     assert_same_weights(reference_weights, out / "cifar10" / "teacher.pt")
 
 
+@pytest.mark.slow
 def test_an_unfinished_stage_passed_as_a_finished_one_points_at_resume(tiny_cifar, tmp_path):
     kill_after_first_epoch(tiny_cifar, tmp_path)
     last = tmp_path / "cifar10" / "teacher.last.pt"
@@ -164,6 +171,7 @@ def test_an_unfinished_stage_passed_as_a_finished_one_points_at_resume(tiny_cifa
     assert_one_line_error(result, f"{last}: {expected}", code=2)
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_says_so_and_trains_from_the_start(tiny_cifar, tmp_path):
     result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher",
                         "--resume")  # fmt: skip
@@ -174,6 +182,7 @@ def test_resume_with_nothing_to_resume_says_so_and_trains_from_the_start(tiny_ci
     assert (folder / "teacher.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     kill_after_first_epoch(tiny_cifar, out)
@@ -189,6 +198,7 @@ def test_resume_with_other_settings_is_refused(tiny_cifar, tmp_path):
     assert_one_line_error(result, "started on cuda", "--device cuda", code=2)
 
 
+@pytest.mark.slow
 def test_signals_sent_back_to_back_stop_without_a_traceback(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     process = start(tiny_cifar, out)
@@ -220,11 +230,13 @@ runpy.run_path(script, run_name="__main__")
 
 def interrupt_when(module, function, *args):
     """Run train.py with `args`, sending it SIGINT as `module.function` is called: at a known point, not a moment."""
+    whole_script()
     command = [sys.executable, "-c", SIGNAL_WHEN_CALLED, module, function, str(ROOT / "train.py"), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ctrl_c_outside_the_training_steps_exits_130_keeping_what_is_saved(tiny_cifar, tmp_path):
     args = ["--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher"]
     typed = f"python3 train.py {shlex.join(map(str, args))}"
@@ -243,6 +255,7 @@ def test_ctrl_c_outside_the_training_steps_exits_130_keeping_what_is_saved(tiny_
     assert (folder / "teacher.pt").read_bytes() == saved
 
 
+@pytest.mark.slow
 def test_a_fresh_retrain_stopped_part_way_goes_on_as_a_retrain(tiny_cifar, tmp_path):
     args = ["--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher"]
     assert run_script("train.py", *args).returncode == 0
@@ -259,6 +272,7 @@ def test_a_fresh_retrain_stopped_part_way_goes_on_as_a_retrain(tiny_cifar, tmp_p
     assert not (folder / "teacher.last.pt").exists() and (folder / "teacher.pt").read_bytes() != old
 
 
+@pytest.mark.slow
 def test_a_resume_file_that_cannot_be_read_is_not_called_corrupt(tiny_cifar, tmp_path):
     (tmp_path / "cifar10" / "teacher.last.pt").mkdir(parents=True)  # unreadable to every user, root too
     result = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher",
@@ -274,6 +288,7 @@ def replace_teacher(path):
     torch.save(saved, path)
 
 
+@pytest.mark.slow
 def test_distilled_run_is_not_resumed_against_another_teacher(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     teacher = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--epochs", "1,12,12")
@@ -290,6 +305,7 @@ def test_distilled_run_is_not_resumed_against_another_teacher(tiny_cifar, tmp_pa
     assert_one_line_error(result, "distilled.last.pt", "another teacher", "--fresh", code=2)
 
 
+@pytest.mark.slow
 def test_teacher_whose_weights_do_not_fit_its_model_is_one_line(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     teacher = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *SLOW, "--epochs", "1")
@@ -303,6 +319,7 @@ def test_teacher_whose_weights_do_not_fit_its_model_is_one_line(tiny_cifar, tmp_
     assert_one_line_error(result, "teacher.pt", "--fresh", code=1)
 
 
+@pytest.mark.slow
 def test_progress_whose_weights_do_not_fit_the_model_is_one_line(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     kill_after_first_epoch(tiny_cifar, out)
@@ -315,6 +332,7 @@ def test_progress_whose_weights_do_not_fit_the_model_is_one_line(tiny_cifar, tmp
     assert path.exists()  # nothing saved is lost
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_epoch_step_and_fix(tiny_cifar, tmp_path):
     out = tmp_path / "out"
     good = run_script("train.py", "--data-dir", tiny_cifar, "--out-dir", out, *FAST, "--stages", "teacher")
@@ -342,6 +360,7 @@ def test_non_finite_loss_stops_with_epoch_step_and_fix(tiny_cifar, tmp_path):
     assert not (out / "cifar10" / "student.pt").exists()
 
 
+@pytest.mark.slow
 def test_unwritable_out_dir_is_reported_before_training(tiny_cifar, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
@@ -359,7 +378,7 @@ def test_interrupted_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        checkpoint.atomic_write(path, lambda p: torch.save({"weights": torch.zeros(3)}, p))
+        datafiles.atomic_write(path, lambda p: torch.save({"weights": torch.zeros(3)}, p))
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["teacher.pt"]  # no temporary file left behind

@@ -15,6 +15,7 @@ def easy_cifar(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_speed_options_give_the_accuracy_of_plain_float32(easy_cifar):
     """bf16 autocast + channels_last + torch.compile against float32 NCHW eager,
     same seed and data: test accuracy within 10 points (60 test images), both
@@ -45,6 +46,7 @@ def test_speed_options_give_the_accuracy_of_plain_float32(easy_cifar):
     assert abs(accuracy["plain"] - accuracy["fast"]) <= 0.10, accuracy
 
 
+@pytest.mark.slow
 def test_bench_refuses_before_measuring(easy_cifar, tmp_path):
     """A path it cannot write, data it cannot read or too small for its batches: one line, before any work."""
     (tmp_path / "corrupt").mkdir()
@@ -63,6 +65,7 @@ def test_bench_refuses_before_measuring(easy_cifar, tmp_path):
         assert not (tmp_path / "bench.json").exists()
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script(

@@ -9,6 +9,7 @@ import torch
 import checkpoint
 import config
 import data
+import datafiles
 import distill
 import models
 import optim
@@ -24,6 +25,7 @@ from conftest import (
 )
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     write_cifar10(tmp_path / "data")
     out = tmp_path / "out"
@@ -58,6 +60,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     assert (folder / "teacher.pt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_distilled_alone_trains_the_missing_teacher_first(tmp_path):
     write_cifar10(tmp_path / "data", per_class_train=3, per_class_test=1)
     out = tmp_path / "out"
@@ -68,6 +71,7 @@ def test_distilled_alone_trains_the_missing_teacher_first(tmp_path):
     assert not (out / "cifar10" / "student.pt").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line_naming_where_and_how(tmp_path):
     (tmp_path / "empty").mkdir()  # (cifar10 would not fall back either: tests/test_bundled.py)
     result = run_script("train.py", "--dataset", "cifar100", "--data-dir", tmp_path / "empty", "--out-dir",
@@ -77,6 +81,7 @@ def test_missing_data_is_one_line_naming_where_and_how(tmp_path):
     assert_one_line_error(result, "--data-dir", "nowhere", code=2)
 
 
+@pytest.mark.slow
 def test_an_archive_given_as_data_dir_says_the_flag_takes_a_folder_and_what_goes_in_it(tmp_path):
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     archive.write_bytes(b"\x1f\x8b not read")
@@ -122,6 +127,7 @@ BAD_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     result = run_script("train.py", "--out-dir", tmp_path / "a-file", "--data-dir", tmp_path / "no-data")
@@ -140,6 +146,7 @@ def test_bad_configuration_is_one_line_naming_the_flag(capsys, args, flag):
     assert len(lines) == 1 and flag in lines[0], lines
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,flag",
     [
@@ -154,6 +161,7 @@ def test_bad_configuration_through_train_py_stops_before_any_work(tmp_path, args
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_translation_as_large_as_the_image_is_refused_before_training(tmp_path):
     write_cifar10(tmp_path)
     result = run_script(
@@ -163,6 +171,7 @@ def test_translation_as_large_as_the_image_is_refused_before_training(tmp_path):
     assert "smaller value" in result.stderr and not any((tmp_path / "out").rglob("*.pt"))
 
 
+@pytest.mark.slow
 def test_help_lists_every_constant_with_its_default():
     import config
 
@@ -186,6 +195,7 @@ def method_setup(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "dkd", "lskd", "fitnet", "at"])
 def test_every_method_trains_through_train_py(method_setup, method):
     out = method_setup / method
@@ -219,6 +229,7 @@ def test_every_method_trains_through_train_py(method_setup, method):
     assert not torch.equal(saved["state_dict"]["head.0.weight"], initial["head.0.weight"])
 
 
+@pytest.mark.slow
 def test_paper_recipe_sets_the_benchmark_settings_and_explicit_flags_win(tmp_path):
     write_cifar10(tmp_path / "data", per_class_train=3, per_class_test=1)
     result = run_script(
@@ -300,6 +311,7 @@ def test_abbreviated_flags_are_refused(capsys):
     assert stop.value.code == 2 and "--batch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_without_a_validation_split_the_last_epoch_is_kept_and_logs_are_strict_json(tmp_path):
     write_cifar10(tmp_path / "data", per_class_train=4, per_class_test=1)
     result = run_script(
@@ -359,6 +371,7 @@ def test_adam_with_warm_up_and_linear_decay_is_the_default_and_airbench_is_sgd()
     assert cfg["EPOCHS"] == (11, 5, 5) and cfg["CROP_PADDING"] == 2
 
 
+@pytest.mark.slow
 def test_cifar100_reports_a_top5_accuracy_that_matches_a_hand_count(tmp_path):
     write_cifar100(tmp_path / "data", per_class_train=2, per_class_test=1)
     result = run_script("train.py", "--dataset", "cifar100", "--data-dir", tmp_path / "data", "--out-dir",
@@ -367,7 +380,7 @@ def test_cifar100_reports_a_top5_accuracy_that_matches_a_hand_count(tmp_path):
     folder = tmp_path / "out" / "cifar100"
     saved = checkpoint.load(folder / "teacher.pt")
     model = checkpoint.build_model(saved).eval()
-    splits = data.load_cifar("cifar100", tmp_path / "data", [], 32, download=False)
+    splits = datafiles.load_cifar("cifar100", tmp_path / "data", [], 32, download=False)
     with torch.no_grad():
         probs = models.probabilities(model, data.normalize(splits.test_x, saved["mean"], saved["std"]), tta=True)
     ranked = np.argsort(-probs.numpy(), axis=1)[:, :5]
@@ -396,6 +409,7 @@ STALE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,path,named", STALE, ids=[" ".join(a) for a, _, _ in STALE])
 def test_a_stage_made_with_other_settings_is_refused_and_kept(finished_run, args, path, named):
     folder = finished_run / "out" / "cifar10"
@@ -407,6 +421,7 @@ def test_a_stage_made_with_other_settings_is_refused_and_kept(finished_run, args
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.pt")} == before
 
 
+@pytest.mark.slow
 def test_a_distilled_stage_is_refused_against_another_teacher_and_reused_with_its_own(finished_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished_run / "out", out)
@@ -435,20 +450,7 @@ def test_a_distilled_stage_is_refused_against_another_teacher_and_reused_with_it
     assert f"teacher: {out / 'cifar10' / 'teacher.pt'} was made with other settings; retraining it" in fresh.stdout
 
 
-def test_a_kept_stage_of_older_code_leaves_its_old_speed_metrics_out_of_the_results(finished_run, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(finished_run / "out", out)
-    path = out / "cifar10" / "student.pt"  # (the teacher's digest is part of the distilled stage's settings)
-    saved = torch.load(path, weights_only=True)  # as saved before speed moved to the compression report
-    saved["metrics"].update(cpu_latency_ms=1.5, cpu_throughput=900.0)
-    torch.save(saved, path)
-    result = run_script("train.py", "--data-dir", finished_run / "data", "--out-dir", out, *FAST)
-    assert result.returncode == 0 and result.stdout.count("skipping") == 3, result.stderr[-2000:]
-    student = json.loads((out / "cifar10" / "results.json").read_text())["stages"]["student"]
-    assert student["kept"] and student["test_acc"] == saved["metrics"]["test_acc"]
-    assert "cpu_latency_ms" not in student and "cpu_throughput" not in student
-
-
+@pytest.mark.slow
 def test_reported_test_accuracy_is_what_predict_evaluate_measures_under_bf16(tmp_path):
     tree = write_image_tree(tmp_path / "tree", classes=("a", "b", "c", "d"), per_class_train=12, per_class_test=10,
                             mixed=False)  # fmt: skip
