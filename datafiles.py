@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -601,7 +601,18 @@ def load_folder(name, data_dir, cache_dirs, image_size, download=True, fallback=
             f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
             f"{data_dir}/test/<class>/* (or val/, validation/); point --data-dir at such a folder"
         )
-    return load_image_tree(data_dir, image_size, 3, cache_dirs)
+    return one_channel_if_grey(load_image_tree(data_dir, image_size, 3, cache_dirs))
+
+
+def one_channel_if_grey(splits):
+    """A tree whose every image is grey (R = G = B) trains on one channel.
+    Three equal channels triple the input for nothing, and leave two thirds of
+    the directions of AirNet's whitening stem without variance (predict.py
+    then turns colour photos grey, as Pillow's 'L' mode does)."""
+    images = (splits.train_x, splits.test_x)
+    if not all(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2]) for x in images):
+        return splits
+    return replace(splits, train_x=splits.train_x[:, :1].clone(), test_x=splits.test_x[:, :1].clone())
 
 
 def expected_contents(name):

@@ -346,3 +346,30 @@ def test_a_download_reaches_the_data_folder_whole_or_not_at_all(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         datafiles.load_cifar("cifar10", tmp_path / "cut", [tmp_path / "cut"], 32, fallback=False)
     assert list((tmp_path / "cut").iterdir()) == []  # nothing that the next run would take for the dataset
+
+
+def grey_tree(root, colour_file=None):
+    """A train/ + test/ tree of grey digits-like images saved as RGB PNGs (optionally one in colour)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("test", 2)):
+        for label in ("0", "1"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                grey = (rng.random((28, 28)) * 255).astype(np.uint8)
+                Image.fromarray(np.stack([grey] * 3, -1)).save(root / split / label / f"{i}.png")
+    if colour_file:
+        Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(root / colour_file)
+
+
+def test_a_tree_of_grey_images_trains_on_one_channel(tmp_path):
+    grey_tree(tmp_path)
+    splits = datafiles.load_folder("folder", tmp_path, [tmp_path], 32)
+    assert splits.train_x.shape == (8, 1, 32, 32) and splits.test_x.shape == (4, 1, 32, 32)
+    rgb = datafiles.load_image_tree(tmp_path, 32, 3, [tmp_path])
+    assert torch.equal(splits.train_x[:, 0], rgb.train_x[:, 1])
+
+
+def test_one_colour_image_keeps_a_tree_in_three_channels(tmp_path):
+    grey_tree(tmp_path, colour_file="test/1/colour.png")
+    splits = datafiles.load_folder("folder", tmp_path, [tmp_path], 32)
+    assert splits.train_x.shape[1] == 3 and splits.test_x.shape[1] == 3
