@@ -1,13 +1,18 @@
-"""Deploying: the preprocessing contract that data.load_image keeps on the
-images people actually have (transparent PNGs, large photos), with the
-decompression-bomb limit and vector images."""
+"""Deploying: the preprocessing contract that data.load_image keeps and the
+exported files state, and predict.py giving one answer for a checkpoint, its
+.onnx and its .pt2 on the images people actually have (transparent PNGs,
+large photos), with the decompression-bomb limit and vector images."""
+
+import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 import data
-from conftest import coloured_images
+import export
+from conftest import assert_one_line_error, coloured_images, run_script, train_teacher, write_cifar10
 
 # ---------------------------------------------------------------- load_image
 
@@ -85,3 +90,108 @@ def test_a_vector_image_is_named_as_such(tmp_path, name):
     with pytest.raises(data.DataError) as refused:
         data.load_image(tmp_path / name, 32, 3)
     assert str(refused.value) == f"{tmp_path / name}: vector images (SVG) are not supported; convert it to a PNG first"
+
+
+# ---------------------------------------------------------------- predict.py on a checkpoint, its .onnx and its .pt2
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A teacher checkpoint trained by train.py on tiny CIFAR-10 data, its .onnx and its .pt2, and
+    the images: a partly transparent RGBA PNG whose transparent pixels store black, a 3000x2000
+    photo and a 108-megapixel one."""
+    root = tmp_path_factory.mktemp("deploy")
+    write_cifar10(root / "data", per_class_train=10, per_class_test=4)
+    checkpoint = train_teacher(root / "data", root / "out", 4)
+    files = {"pt": checkpoint}
+    for fmt in ("onnx", "pt2"):
+        files[fmt] = root / f"teacher.{fmt}"
+        result = run_script("export.py", "--checkpoint", checkpoint, "--format", fmt, "--out", files[fmt])
+        assert result.returncode == 0, result.stderr
+    rgba = np.zeros((120, 180, 4), np.uint8)
+    rgba[30:90, 45:135, :3] = coloured_images([1], size=180, seed=9)[0][:60, :90]  # the logo, opaque
+    rgba[30:90, 45:135, 3] = 255
+    rgba[20:100, 35:145, 3] = np.maximum(rgba[20:100, 35:145, 3], 128)  # a half-transparent black rim
+    images = [root / "logo.png", smooth_photo(root / "photo.jpg", 3000, 2000, label=7), root / "108mp.jpg"]
+    Image.fromarray(rgba).save(images[0])
+    Image.linear_gradient("L").resize((12000, 9000)).save(images[2], quality=80)
+    return files, images
+
+
+@pytest.mark.slow
+def test_predict_gives_the_same_answers_on_the_checkpoint_its_onnx_and_its_pt2(deployed):
+    files, images = deployed
+    runs = {fmt: run_script("predict.py", "--checkpoint", path, *images, "--json", "--top-k", "10")
+            for fmt, path in files.items()}  # fmt: skip
+    for fmt, result in runs.items():
+        assert result.returncode == 0 and result.stderr == "", (fmt, result.stderr)
+    answers = {fmt: json.loads(result.stdout) for fmt, result in runs.items()}
+    for fmt in ("onnx", "pt2"):
+        for expected, got in zip(answers["pt"], answers[fmt]):
+            assert got["file"] == expected["file"]
+            assert got["predictions"][0]["class"] == expected["predictions"][0]["class"]
+            by_class = {p["class"]: p["prob"] for p in got["predictions"]}
+            assert max(abs(p["prob"] - by_class[p["class"]]) for p in expected["predictions"]) <= export.TOLERANCE
+
+
+@pytest.mark.slow
+def test_the_exported_files_state_the_preprocessing(deployed):
+    files, _ = deployed
+    for fmt in ("onnx", "pt2"):
+        info = export.CLASSIFIERS[fmt](files[fmt]).info
+        assert info["channels"] == "R, G, B in that order (not BGR)"
+        assert info["input"].startswith("uint8 array (N, C, H, W)")
+        assert "onto RGB (255, 255, 255) (white)" in info["transparency"]
+        assert "Image.resize(BILINEAR), which antialiases" in info["resize"]
+        assert len(info["mean"]) == len(info["std"]) == 3 and info["tta"] is True
+
+
+@pytest.mark.slow
+def test_the_pixel_limit_names_its_flag_and_a_vector_image_is_one_line(deployed, tmp_path):
+    files, images = deployed
+    (tmp_path / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
+    result = run_script("predict.py", "--checkpoint", files["onnx"], images[0], images[1], "--max-pixels", "5000000")
+    assert_one_line_error(result, code=1)
+    assert result.stderr == (
+        f"predict.py: error: {images[1]}: image too large (3000x2000, 6,000,000 pixels, over the limit of 5,000,000 "
+        f"against decompression bombs); classify it with --max-pixels 6000000\n"
+    )
+    assert result.stdout.startswith(f"{images[0]}: ")
+    result = run_script("predict.py", "--checkpoint", files["pt"], tmp_path / "logo.svg")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"predict.py: error: {tmp_path / 'logo.svg'}: vector images (SVG) are not supported; convert it to a PNG "
+        f"first\n"
+    )
+
+
+def broken_pt2(kind, tmp_path, good_pt2):
+    path = tmp_path / f"{kind}.pt2"
+    if kind == "truncated":
+        blob = good_pt2.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    elif kind == "a-checkpoint":  # a torch file, but not a torch.export program
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "no-metadata":  # a torch.export program that export.py did not write
+        torch.export.save(torch.export.export(torch.nn.Flatten(), (torch.zeros(2, 3),)), path)
+    return path
+
+
+BAD_PT2 = {
+    "truncated": "not a readable torch.export program (truncated, or another kind of file); make one with: "
+    "python3 export.py --format pt2",
+    "a-checkpoint": "not a readable torch.export program (truncated, or another kind of file); make one with: "
+    "python3 export.py --format pt2",
+    "no-metadata": "a file without this repo's metadata (classes, preprocessing); make one with: "
+    "python3 export.py --format pt2",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(BAD_PT2))
+def test_a_bad_pt2_file_is_one_line(deployed, tmp_path, kind):
+    files, images = deployed
+    path = broken_pt2(kind, tmp_path, files["pt2"])
+    result = run_script("predict.py", "--checkpoint", path, images[0])
+    assert_one_line_error(result, code=2)
+    assert result.stderr == f"predict.py: error: {path}: {BAD_PT2[kind]}\n"
