@@ -26,7 +26,6 @@ import os
 import pickle
 import tarfile
 import tempfile
-import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -49,17 +48,29 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-CACHE_VERSION = 1  # bump when the decoded-tree cache format changes
+CACHE_VERSION = 2  # bump when the decoded-tree cache format or load_image's decoding changes
 HELD_OUT = ("test", "val", "validation")  # names of an image tree's held-out split, in order of preference
 BUNDLED_CIFAR10 = Path(__file__).resolve().parent / "datasets" / "cifar10-jpeg.tar.gz"
 
-# load_image refuses images over Pillow's decompression-bomb limit with a
-# readable error of its own, so Pillow's warning would only repeat it.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# load_image checks an image's size against its own max_pixels, before
+# decoding it: one limit, which a caller can raise past Pillow's default.
+Image.MAX_IMAGE_PIXELS = None
+MAX_PIXELS = 250_000_000  # larger images are refused as possible decompression bombs (a 200-megapixel photo passes)
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, as a viewer shows them on a page
+VECTOR_SUFFIXES = (".svg", ".svgz")
 
 
 class DataError(Exception):
     """A problem with the user's data, reported as one line."""
+
+
+class TooLarge(DataError):
+    """An image over load_image's max_pixels, a limit the caller may raise
+    to `pixels`, the image's own count."""
+
+    def __init__(self, message, pixels):
+        super().__init__(message)
+        self.pixels = pixels
 
 
 @dataclass
@@ -90,40 +101,36 @@ def atomic_write(path, write):
 # ---------------------------------------------------------------- images
 
 
-def load_image(path, size, channels=3):
-    """Decode one image file the way training data is decoded.
+def load_image(path, size, channels=3, max_pixels=MAX_PIXELS):
+    """Decode one image file the way training data is decoded (`preprocessing`
+    states how, for the metadata of exported files).
 
-    EXIF orientation is applied, any mode is converted to RGB (or L for one
-    channel; 16-bit and float images are rescaled to 8 bits), then the short
-    side is resized to `size` and the centre is cropped to size x size.
-    Returns a uint8 array (C, size, size). Raises DataError naming the file.
+    Returns a uint8 array (C, size, size). Raises DataError naming the file,
+    TooLarge for an image of more than `max_pixels` pixels.
     """
+    if Path(str(path)).suffix.lower() in VECTOR_SUFFIXES:
+        raise DataError(f"{path}: vector images (SVG) are not supported; convert it to a PNG first")
     try:
         with Image.open(path) as image:
-            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                raise DataError(
-                    f"{path}: image too large ({image.width}x{image.height} pixels, over the limit of "
-                    f"{Image.MAX_IMAGE_PIXELS:,} against decompression bombs)"
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise TooLarge(
+                    f"{path}: image too large ({image.width}x{image.height}, {pixels:,} pixels, over the limit "
+                    f"of {max_pixels:,} against decompression bombs)",
+                    pixels,
                 )
+            image.draft(None, (2 * size, 2 * size))  # a JPEG decodes at 1/2, 1/4 or 1/8 scale, still >= 2 x size
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 array = np.asarray(image, dtype=np.float64)
                 high = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
                 image = Image.fromarray(np.clip(array / high * 255.0, 0, 255).astype(np.uint8))
-            image = image.convert("RGB" if channels == 3 else "L")
+            image = flatten_transparency(image).convert("RGB" if channels == 3 else "L")
             if image.width < 2 or image.height < 2:
                 raise DataError(f"{path}: image is only {image.width}x{image.height} pixels; need at least 2x2")
-            if image.size != (size, size):
-                scale = size / min(image.size)
-                resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-                image = image.resize(resized, Image.Resampling.BILINEAR)
-                left, top = (image.width - size) // 2, (image.height - size) // 2
-                image = image.crop((left, top, left + size, top + size))
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.asarray(resize_and_crop(image, size), dtype=np.uint8)
     except DataError:
         raise
-    except Image.DecompressionBombError as error:
-        raise DataError(f"{path}: image too large ({error})") from None
     except PermissionError:
         raise DataError(f"{path}: permission denied; make the file readable") from None
     except (OSError, ValueError, SyntaxError) as error:
@@ -131,6 +138,50 @@ def load_image(path, size, channels=3):
             f"{path}: cannot read image ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
         ) from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def preprocessing(size, channels):
+    """What load_image does, in words and numbers, for the metadata of an
+    exported file: a consumer without this repo must repeat it exactly."""
+    colour = "R, G, B in that order (not BGR)" if channels == 3 else "grey, Pillow's L = 0.299 R + 0.587 G + 0.114 B"
+    return {
+        "input": "uint8 array (N, C, H, W), channels first, values 0-255 (not scaled to 0-1: the graph normalises)",
+        "image_size": size,
+        "in_channels": channels,
+        "channels": colour,
+        "decode": "EXIF orientation applied; 16-bit images scaled by 255/65535, 32-bit integer and float ones by "
+        "255/their maximum",
+        "transparency": f"composited onto RGB {BACKGROUND} (white) before the conversion to "
+        f"{'RGB' if channels == 3 else 'grey'}: alpha channels, and palette or colour images with a transparent colour",
+        "resize": "short side to image_size, long side to Python's round(long * image_size / short), with Pillow's "
+        "Image.resize(BILINEAR), which antialiases when shrinking (its triangle filter widens by the shrink factor, "
+        "as torchvision's resize with antialias=True; OpenCV's INTER_LINEAR does not); a JPEG is first decoded by "
+        "libjpeg at the most reduced of 1/8, 1/4, 1/2 scale that keeps both sides >= 2 x image_size, if any "
+        "(Pillow's Image.draft)",
+        "crop": "the centre square: left = (width - image_size) // 2, top = (height - image_size) // 2",
+    }
+
+
+def flatten_transparency(image):
+    """`image` composited onto BACKGROUND if it has transparency (an alpha
+    channel, or a palette or colour marked transparent), else itself. The
+    colour stored under a transparent pixel is arbitrary (often black), so
+    dropping the alpha channel would classify what nobody sees."""
+    if not image.has_transparency_data:
+        return image
+    return Image.alpha_composite(Image.new("RGBA", image.size, (*BACKGROUND, 255)), image.convert("RGBA"))
+
+
+def resize_and_crop(image, size):
+    """The short side resized to `size` (Pillow's bilinear filter, which
+    antialiases: it widens with the shrink factor), then the centre square."""
+    if image.size == (size, size):
+        return image
+    scale = size / min(image.size)
+    resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.BILINEAR)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def list_images(folder):

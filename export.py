@@ -24,6 +24,7 @@ Exit status: 0 exported, 1 the parity check failed, 2 usage error.
 """
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -69,12 +70,11 @@ class Deployable(torch.nn.Module):
 
 
 def metadata(checkpoint, tta):
-    """What a consumer needs besides the graph, as string values (ONNX metadata_props)."""
+    """What a consumer needs besides the graph, as string values (ONNX
+    metadata_props): the class names, and the whole preprocessing contract,
+    datafiles.load_image's decoding followed by the graph's own normalisation."""
     preprocessing = {
-        "input": "uint8 images (N, C, H, W), values 0-255, channels RGB (3) or grey (1)",
-        "image_size": checkpoint["image_size"],
-        "in_channels": checkpoint["in_channels"],
-        "resize": "apply EXIF orientation, resize the short side to image_size (bilinear), crop the centre square",
+        **datafiles.preprocessing(checkpoint["image_size"], checkpoint["in_channels"]),
         "mean": list(checkpoint["mean"]),
         "std": list(checkpoint["std"]),
         "normalisation": "inside the graph: (pixel - 255 * mean) / (255 * std) per channel",
@@ -132,18 +132,28 @@ def onnx_session(path, threads=0):
 
 def file_runner(path, fmt):
     """A function from a uint8 batch to the probabilities that the file at `path` computes."""
-    if fmt == "onnx":
-        return OnnxClassifier(path)
-    return torch.export.load(path).module()
+    return CLASSIFIERS[fmt](path)
+
+
+def file_info(props, make):
+    """What predict.py reads from a checkpoint (classes, image_size,
+    in_channels, tta...), from an exported file's metadata; ValueError for a
+    file that export.py did not write, saying to `make` one."""
+    try:
+        info = {"classes": json.loads(props["classes"]), **json.loads(props["preprocessing"])}
+        return {**info, "image_size": int(info["image_size"]), "in_channels": int(info["in_channels"])}
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(
+            f"a file without this repo's metadata (classes, preprocessing); make one with: {make}"
+        ) from None
 
 
 class OnnxClassifier:
     """An exported .onnx file, used as predict.py uses a checkpoint: `info`
-    holds what predict.py reads from a checkpoint (classes, image_size,
-    in_channels, tta...), and calling it on a uint8 batch gives probabilities.
+    holds file_info, and calling it on a uint8 batch gives probabilities.
 
     Raises ValueError with a one-line reason for a file that ONNX Runtime
-    cannot load or that export.py did not write (no classes in its metadata)."""
+    cannot load or that export.py did not write."""
 
     def __init__(self, path):
         try:
@@ -151,23 +161,76 @@ class OnnxClassifier:
         except Exception as error:  # ONNX Runtime raises its own classes for truncated or foreign files
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"not a readable ONNX file ({reason[:200]})") from None
-        props = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.info = {"classes": json.loads(props["classes"]), **json.loads(props["preprocessing"])}
-            self.info = {
-                **self.info,
-                "image_size": int(self.info["image_size"]),
-                "in_channels": int(self.info["in_channels"]),
-            }
-        except (KeyError, ValueError, TypeError):
-            raise ValueError(
-                "an ONNX file without this repo's metadata (classes, preprocessing); make one with: python3 export.py"
-            ) from None
+        self.info = file_info(self.session.get_modelmeta().custom_metadata_map, "python3 export.py")
         if [i.name for i in self.session.get_inputs()] != ["images"]:
             raise ValueError("an ONNX file whose input is not 'images'; make one with: python3 export.py")
 
     def __call__(self, images):
         return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+
+
+class Pt2Classifier:
+    """An exported .pt2 file (a torch.export program), used as OnnxClassifier
+    is; its metadata is the archive's metadata.json. Runs on the CPU, where
+    it was exported."""
+
+    def __init__(self, path):
+        extra = {METADATA_FILE: ""}
+        log = logging.getLogger("torch.export")  # it logs a traceback before raising on a foreign file
+        disabled, log.disabled = log.disabled, True
+        try:
+            self.program = torch.export.load(path, extra_files=extra).module()
+        except Exception:  # torch.export raises assorted classes, with messages that point at its log
+            raise ValueError(
+                "not a readable torch.export program (truncated, or another kind of file); make one with: "
+                "python3 export.py --format pt2"
+            ) from None
+        finally:
+            log.disabled = disabled
+        try:
+            props = json.loads(extra[METADATA_FILE])
+        except ValueError:
+            props = {}
+        self.info = file_info(props if isinstance(props, dict) else {}, "python3 export.py --format pt2")
+
+    @torch.no_grad()
+    def __call__(self, images):
+        return self.program(images)
+
+
+CLASSIFIERS = {"onnx": OnnxClassifier, "pt2": Pt2Classifier}  # --format -> reader of the exported file
+
+
+class Pt2Classifier:
+    """An exported .pt2 file (a torch.export program), used as OnnxClassifier
+    is; its metadata is the archive's metadata.json. Runs on the CPU, where
+    it was exported."""
+
+    def __init__(self, path):
+        extra = {METADATA_FILE: ""}
+        log = logging.getLogger("torch.export")  # it logs a traceback before raising on a foreign file
+        disabled, log.disabled = log.disabled, True
+        try:
+            self.program = torch.export.load(path, extra_files=extra).module()
+        except Exception:  # torch.export raises assorted classes, with messages that point at its log
+            raise ValueError(
+                "not a readable torch.export program (truncated, or another kind of file); make one with: "
+                "python3 export.py --format pt2"
+            ) from None
+        finally:
+            log.disabled = disabled
+        try:
+            props = json.loads(extra[METADATA_FILE])
+        except ValueError:
+            props = {}
+        self.info = file_info(props if isinstance(props, dict) else {}, "python3 export.py --format pt2")
+
+    @torch.no_grad()
+    def __call__(self, images):
+        return self.program(images)
+
+
+CLASSIFIERS = {"onnx": OnnxClassifier, "pt2": Pt2Classifier}  # --format -> reader of the exported file
 
 
 @torch.no_grad()

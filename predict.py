@@ -4,16 +4,20 @@
     python3 predict.py a.png b.jpg some_folder/ --top-k 3
     python3 predict.py *.png --checkpoint checkpoints/cifar10/teacher.pt --json
     python3 predict.py data/cifar10-jpeg/test --evaluate
-    python3 predict.py photo.jpg --checkpoint checkpoints/cifar10/distilled.onnx   # a file of export.py
+    python3 predict.py photo.jpg --checkpoint checkpoints/cifar10/distilled.onnx   # or .pt2, a file of export.py
+    python3 predict.py huge.tif --max-pixels 400000000                            # above the default limit
 
-Every image is prepared exactly as training images were: EXIF orientation is
-applied, it is converted to the checkpoint's channels (RGB, or grey), its
-short side is resized to the checkpoint's image size and the centre square is
+Every image is prepared exactly as training images were (datafiles.load_image):
+EXIF orientation is applied, transparent pixels are composited onto white,
+it is converted to the checkpoint's channels (RGB, or grey), its short side
+is resized to the checkpoint's image size (Pillow's antialiased bilinear; a
+large JPEG is decoded at a reduced scale first) and the centre square is
 cropped, then it is normalised with the checkpoint's mean and std. Like
 train.py's test accuracy, predictions average each image and its mirror when
-the checkpoint was evaluated that way (flip TTA). An .onnx file written by
-export.py runs in ONNX Runtime, with its own normalisation and TTA, and gives
-the same output.
+the checkpoint was evaluated that way (flip TTA). An .onnx or .pt2 file
+written by export.py (ONNX Runtime, or the torch.export program) does its own
+normalisation and TTA, and gives the same output. Images of more than
+--max-pixels pixels are refused as possible decompression bombs.
 
 Exit status: 0 when every file was classified, 1 when any failed, 2 for a
 usage error (bad flag, missing or unusable checkpoint).
@@ -44,7 +48,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="checkpoint to use, or an .onnx file of export.py (default: OUT_DIR/DATASET/distilled.pt)",
+        help="checkpoint to use, or an .onnx or .pt2 file of export.py (default: OUT_DIR/DATASET/distilled.pt)",
     )
     parser.add_argument("--dataset", default=None, metavar="STR",
                         help="the dataset folder under OUT_DIR whose distilled.pt to use (default: the one that has "
@@ -53,6 +57,9 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     parser.add_argument("--recursive", action="store_true", help="also read images in subfolders")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    parser.add_argument("--max-pixels", type=int, default=datafiles.MAX_PIXELS, metavar="INT",
+                        help="refuse images with more pixels, as possible decompression bombs "
+                        f"(default: {datafiles.MAX_PIXELS})")  # fmt: skip
     parser.add_argument(
         "--evaluate",
         action="store_true",
@@ -80,13 +87,14 @@ def default_checkpoint(out_dir, dataset):
 
 def load_model(path, how, device):
     """The checkpoint's model in eval mode, and the checkpoint dict; for an
-    .onnx file, an export.OnnxClassifier and the same keys from its metadata.
-    how: what to do when there is no file at `path`."""
+    .onnx or .pt2 file of export.py, its export.CLASSIFIERS reader and the
+    same keys from its metadata. how: what to do when there is no file at `path`."""
     if not Path(path).is_file():
         usage_error(f"no checkpoint at {path}; {how}")
-    if Path(path).suffix.lower() == ".onnx":
+    reader = export.CLASSIFIERS.get(Path(path).suffix.lower().removeprefix("."))
+    if reader is not None:
         try:
-            model = export.OnnxClassifier(path)
+            model = reader(path)
         except ValueError as error:
             usage_error(f"{path}: {error}")
         return model, model.info
@@ -141,12 +149,14 @@ def refuse_foreign_folders(items, classes):
         )
 
 
-def read_image(path, size, channels):
+def read_image(path, size, channels, max_pixels):
     """uint8 (C, size, size) array, or an error string that names the problem."""
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        return datafiles.load_image(path, size, channels)
+        return datafiles.load_image(path, size, channels, max_pixels)
+    except datafiles.TooLarge as error:
+        return f"{str(error).removeprefix(f'{path}: ')}; classify it with --max-pixels {error.pixels}"
     except datafiles.DataError as error:
         return str(error).removeprefix(f"{path}: ")
     except PermissionError:
@@ -158,13 +168,13 @@ def read_image(path, size, channels):
 @torch.no_grad()
 def predict(model, images, checkpoint, device):
     """Class probabilities for a uint8 batch, with the checkpoint's normalisation and TTA."""
-    if isinstance(model, export.OnnxClassifier):  # the exported graph normalises and averages flips itself
+    if isinstance(model, tuple(export.CLASSIFIERS.values())):  # an exported file normalises and averages flips itself
         return model(images)
     batch = data.normalize(images.to(device), checkpoint["mean"], checkpoint["std"])
     return models.probabilities(model, batch, checkpoint.get("tta", False)).cpu()
 
 
-def classify(items, model, checkpoint, device, batch_size):
+def classify(items, model, checkpoint, device, batch_size, max_pixels):
     """Yield (path, probabilities or None, error or None) in input order.
 
     Files are decoded by a thread pool (Pillow releases the GIL while
@@ -173,7 +183,7 @@ def classify(items, model, checkpoint, device, batch_size):
     with ThreadPoolExecutor() as pool:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            decoded = list(pool.map(lambda item: item[1] or read_image(item[0], size, channels), chunk))
+            decoded = list(pool.map(lambda item: item[1] or read_image(item[0], size, channels, max_pixels), chunk))
             good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
             probs = (
                 predict(model, torch.from_numpy(np.stack([decoded[i] for i in good])), checkpoint, device)
@@ -216,6 +226,8 @@ def main(argv=None):
         config.fail("top-k", f"must be >= 1 (got {cfg['top_k']})", PROG)
     if cfg["batch_size"] < 1:
         config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
+    if cfg["max_pixels"] < 1:
+        config.fail("max-pixels", f"must be >= 1 (got {cfg['max_pixels']})", PROG)
     if cfg["evaluate"]:
         refuse_whole_dataset(cfg["paths"])
     device = runtime.device(cfg["DEVICE"], PROG)
@@ -233,7 +245,7 @@ def main(argv=None):
     k = min(cfg["top_k"], len(classes))
     started = time.perf_counter()
     results, failures, labels, predicted = [], 0, [], []
-    for path, probs, error in classify(items, model, checkpoint, device, cfg["batch_size"]):
+    for path, probs, error in classify(items, model, checkpoint, device, cfg["batch_size"], cfg["max_pixels"]):
         if error is not None:
             failures += 1
             sys.stderr.write(f"{PROG}: error: {path}: {error}\n")

@@ -5,6 +5,7 @@ import os
 import shlex
 import shutil
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -118,6 +119,18 @@ def test_exif_orientation_is_applied(tmp_path):
     assert loaded[:, :5].mean() > 200 and loaded[:, -5:].mean() < 50  # white is on top after rotation
 
 
+def png_header(path, width, height):
+    """A PNG file that claims width x height grey pixels and holds one row:
+    what a decompression bomb looks like before it is decoded."""
+
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    rows = zlib.compress(bytes(width + 1))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
 def make_bad_file(kind, tmp_path, good):
     path = (
         tmp_path
@@ -144,7 +157,7 @@ def make_bad_file(kind, tmp_path, good):
         blob = (tmp_path / "full.jpg").read_bytes()
         path.write_bytes(blob[: len(blob) // 2])
     elif kind == "bomb":
-        Image.new("1", (12000, 12000)).save(path)  # 144 Mpixels, over Pillow's decompression-bomb limit
+        png_header(path, 30000, 30000)  # 900 Mpixels, over datafiles.MAX_PIXELS
     elif kind == "tiny":
         Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
     elif kind == "empty-folder":
@@ -356,6 +369,7 @@ def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, 
         (["--top-k", "0"], "--top-k"),
         (["--device", "tpu"], "--device"),
         (["--batch-size", "-1"], "--batch-size"),
+        (["--max-pixels", "0"], "--max-pixels"),
         (["--bogus"], "--bogus"),
     ],
 )
