@@ -201,38 +201,6 @@ class Pt2Classifier:
 CLASSIFIERS = {"onnx": OnnxClassifier, "pt2": Pt2Classifier}  # --format -> reader of the exported file
 
 
-class Pt2Classifier:
-    """An exported .pt2 file (a torch.export program), used as OnnxClassifier
-    is; its metadata is the archive's metadata.json. Runs on the CPU, where
-    it was exported."""
-
-    def __init__(self, path):
-        extra = {METADATA_FILE: ""}
-        log = logging.getLogger("torch.export")  # it logs a traceback before raising on a foreign file
-        disabled, log.disabled = log.disabled, True
-        try:
-            self.program = torch.export.load(path, extra_files=extra).module()
-        except Exception:  # torch.export raises assorted classes, with messages that point at its log
-            raise ValueError(
-                "not a readable torch.export program (truncated, or another kind of file); make one with: "
-                "python3 export.py --format pt2"
-            ) from None
-        finally:
-            log.disabled = disabled
-        try:
-            props = json.loads(extra[METADATA_FILE])
-        except ValueError:
-            props = {}
-        self.info = file_info(props if isinstance(props, dict) else {}, "python3 export.py --format pt2")
-
-    @torch.no_grad()
-    def __call__(self, images):
-        return self.program(images)
-
-
-CLASSIFIERS = {"onnx": OnnxClassifier, "pt2": Pt2Classifier}  # --format -> reader of the exported file
-
-
 @torch.no_grad()
 def parity(reference, run, images, batch_size=500):
     """(largest absolute difference in probability, fraction of images whose top-1 agrees)
