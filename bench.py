@@ -4,6 +4,7 @@ loop that typical distillation repos run, side by side on this machine.
     python3 bench.py                                   # generated CIFAR-shaped data
     python3 bench.py --data-dir data/cifar10-jpeg      # real images (any cifar10 source)
     python3 bench.py --quick                           # a smoke run: under a minute on 2 CPU cores
+    python3 bench.py --profile                         # and each path's time per kind of operator
     python3 bench.py --latency                         # inference latency only, in PyTorch and ONNX Runtime
     python3 bench.py --precision --dataset folder --data-dir data/digits --train-args "--epochs 4 --val-size 400"
 
@@ -19,6 +20,12 @@ models, batch size, optimiser and loss.
 Both train the same objectives from distill.py. Timings exclude warm-up steps
 and wait for the device before the clock stops. The figures go to a table and
 to a JSON file (--out).
+
+--profile adds where the time of each step goes: torch.profiler (CPU) over
+the teacher's and the distilled training steps and the teacher's inference,
+each operator's own time summed into parts (convolution forward and backward,
+GELU, max-pool, batch norm, zeroing, the augmentation's gather, the
+optimiser, other), as shares of the profiled operator time.
 
 --latency measures instead where a distilled student is deployed: the teacher
 and the student as export.py ships them (uint8 in, probabilities out, no
@@ -76,6 +83,7 @@ def add_arguments(parser):
         action="store_true",
         help="only inference latency and throughput, in PyTorch eager and ONNX Runtime",
     )
+    parser.add_argument("--profile", action="store_true", help="also each path's time per kind of operator (CPU)")
     parser.add_argument("--precision", action="store_true", help="train.py's accuracy and speed in bf16 and float32")
     parser.add_argument("--seeds", default="0,1,2", help="--precision: the seeds, each trained in both precisions")
     parser.add_argument("--train-args", default="", help='--precision: more train.py flags, e.g. "--epochs 4"')
@@ -296,6 +304,13 @@ def training_rows(cfg, dataset, cpu_data, device, steps, autocast):
     return rows
 
 
+def inference_batches(cfg, dataset):
+    """Normalised batches of 256 training images, as inference sees them."""
+    for i in range(0, len(dataset.train_y) - 255, 256):
+        images = data.normalize(dataset.train_x[i : i + 256], dataset.mean, dataset.std, cfg["CHANNELS_LAST"])
+        yield images, dataset.train_y[i : i + 256]
+
+
 def inference_rows(cfg, dataset, cpu_data, device, steps, autocast):
     """Images per second of the teacher's and the student's inference, ours and conventional."""
     fp32 = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
@@ -304,15 +319,8 @@ def inference_rows(cfg, dataset, cpu_data, device, steps, autocast):
     for role in ("teacher", "student"):
         name = cfg[role.upper()]
         model = models.build(name, len(dataset.classes), dataset.in_channels)
-        ours_batches = (
-            (
-                data.normalize(dataset.train_x[i : i + 256], dataset.mean, dataset.std, cfg["CHANNELS_LAST"]),
-                dataset.train_y[i : i + 256],
-            )
-            for i in range(0, len(dataset.train_y) - 255, 256)
-        )
         ours_step = make_inference_step(model.to(device, memory_format=ours_format), autocast, device)
-        ours = time_loop(ours_step, ours_batches, steps, device)
+        ours = time_loop(ours_step, inference_batches(cfg, dataset), steps, device)
         loader = conventional_loader(*cpu_data, dataset.mean, dataset.std, 256, cfg["workers"], False)
         nchw_step = make_inference_step(model.to(memory_format=torch.contiguous_format), fp32, device)
         conventional = time_loop(nchw_step, loader, steps, device)
@@ -330,16 +338,18 @@ def print_table(rows, peak):
     )
     print(
         "| path | ours (img/s) | conventional (img/s) | ours / conventional | GFLOP per image | ours GFLOP/s "
-        "| at peak (img/s) | at peak / conventional |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| share of peak | at peak (img/s) | at peak / conventional |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for path, row in rows.items():
         row["ratio"] = row["ours"] / row["conventional"]
         row["gflops_per_second"] = row["ours"] * row["flops_per_image"] / 1e9
+        row["share_of_peak"] = row["gflops_per_second"] / peak
         row["at_peak"] = peak * 1e9 / row["flops_per_image"]
         row["at_peak_ratio"] = row["at_peak"] / row["conventional"]
         print(
             f"| {path} | {row['ours']:,.0f} | {row['conventional']:,.0f} | {row['ratio']:.2f}x | "
-            f"{row['flops_per_image'] / 1e9:.3f} | {row['gflops_per_second']:.1f} | {row['at_peak']:,.0f} | "
+            f"{row['flops_per_image'] / 1e9:.3f} | {row['gflops_per_second']:.1f} | {row['share_of_peak']:.1%} | "
+            f"{row['at_peak']:,.0f} | "
             f"{row['at_peak_ratio']:.2f}x |"
         )
 
@@ -385,8 +395,73 @@ def main(argv=None):
         "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"],
         "peak_gflops_per_second": peak, "rows": rows,
     }  # fmt: skip
+    if cfg["profile"]:
+        result["profile"] = profile_paths(cfg, dataset, device, steps, autocast)
     datafiles.atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {out}")
+
+
+# ---------------------------------------------------------------- --profile
+
+PROFILE_PARTS = (  # part -> fragments of operator names (lower case); the first part that matches takes the operator
+    ("convolution backward", ("convolution_backward", "convolutionbackward")),
+    ("convolution forward", ("convolution", "conv2d")),
+    ("GELU", ("gelu",)),
+    ("max-pool", ("max_pool", "maxpool")),
+    ("batch norm", ("batch_norm", "batchnorm")),
+    ("fill_/zeroing", ("fill_", "zero_")),
+    ("augmentation gather (index)", ("index", "gather")),
+    ("optimizer", ("adam", "_foreach", "optimizer")),
+)
+
+
+def group_parts(rows):
+    """Shares of each part in the total own time of (operator name, own
+    time) rows; what no part claims is "other"."""
+    times = dict.fromkeys([part for part, _ in PROFILE_PARTS] + ["other"], 0.0)
+    for name, own in rows:
+        lower = name.lower()
+        part = next((part for part, fragments in PROFILE_PARTS if any(f in lower for f in fragments)), "other")
+        times[part] += own
+    total = sum(times.values()) or 1.0
+    return {part: time / total for part, time in times.items()}
+
+
+def profile_step(run_step, batches, steps):
+    """{"step_ms", "parts"}: torch.profiler over `steps` calls of run_step after 3 warm-up ones."""
+    iterator = iter(batches)
+    for _ in range(3):
+        run_step(*next(iterator))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_step(*next(iterator))
+        step_ms = (time.perf_counter() - start) / steps * 1e3
+    rows = [(event.key, event.self_cpu_time_total) for event in profiler.key_averages()]
+    return {"step_ms": step_ms, "parts": group_parts(rows)}
+
+
+def profile_paths(cfg, dataset, device, steps, autocast):
+    """The breakdown of the teacher's and the distilled training steps and the teacher's inference, printed."""
+    generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
+    order = torch.randperm(len(dataset.train_y), device=device, generator=generator)
+    results = {}
+    for stage in ("teacher", "distilled"):
+        batches = data.train_batches(dataset, order, cfg["BATCH_SIZE"], 4, True, generator, cfg["CHANNELS_LAST"])
+        run_step = make_train_step(stage_objective(stage, cfg, dataset, device), cfg, autocast, device)
+        results[f"{stage} training"] = profile_step(run_step, batches, steps)
+    memory_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
+    teacher = models.build(cfg["TEACHER"], len(dataset.classes), dataset.in_channels)
+    run_step = make_inference_step(teacher.to(device, memory_format=memory_format), autocast, device)
+    results["teacher inference"] = profile_step(run_step, inference_batches(cfg, dataset), steps)
+    print(f"\nprofile (torch.profiler, CPU, {steps} steps): each part's share of the operators' own time\n")
+    print(f"| part | {' | '.join(results)} |\n|---|{'---:|' * len(results)}")
+    for part in results["teacher training"]["parts"]:
+        shares = " | ".join(f"{r['parts'][part]:.1%}" for r in results.values())
+        print(f"| {part} | {shares} |")
+    step_ms = " | ".join(f"{r['step_ms']:.1f}" for r in results.values())
+    print(f"| step (ms, profiled) | {step_ms} |")
+    return results
 
 
 # ---------------------------------------------------------------- --precision

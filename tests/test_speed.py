@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import bench
 import checkpoint
 from conftest import FAST, run_script, write_cifar10
 
@@ -87,9 +88,60 @@ def test_bench_quick_writes_its_figures(tmp_path):
             "ratio",
             "flops_per_image",
             "gflops_per_second",
+            "share_of_peak",
             "at_peak",
             "at_peak_ratio",
         ):
             assert row[key] > 0, (key, row)
     assert figures["peak_gflops_per_second"] > 0
     assert "ours / conventional" in result.stdout
+
+
+def test_profile_parts_are_shares_of_the_operators_own_time():
+    rows = [
+        ("aten::convolution_backward", 40.0),
+        ("autograd::engine::evaluate_function: ConvolutionBackward0", 10.0),
+        ("aten::mkldnn_convolution", 20.0),
+        ("GeluBackward0", 5.0),
+        ("aten::gelu", 5.0),
+        ("aten::max_pool2d_with_indices", 4.0),
+        ("aten::native_batch_norm", 3.0),
+        ("aten::fill_", 2.0),
+        ("aten::zero_", 1.0),
+        ("aten::index", 3.0),
+        ("Optimizer.step#AdamW.step", 1.0),
+        ("aten::_foreach_mul_", 1.0),
+        ("aten::copy_", 5.0),
+    ]
+    shares = bench.group_parts(rows)
+    assert shares == pytest.approx(
+        {
+            "convolution backward": 0.5,
+            "convolution forward": 0.2,
+            "GELU": 0.1,
+            "max-pool": 0.04,
+            "batch norm": 0.03,
+            "fill_/zeroing": 0.03,
+            "augmentation gather (index)": 0.03,
+            "optimizer": 0.02,
+            "other": 0.05,
+        }
+    )
+
+
+@pytest.mark.slow
+def test_bench_profile_writes_the_parts_of_each_path(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script(
+        "bench.py", "--profile", "--quick", "--data-dir", tmp_path / "none", "--out", out, "--batch-size", "32",
+        "--workers", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    profile = json.loads(out.read_text())["profile"]
+    assert set(profile) == {"teacher training", "distilled training", "teacher inference"}
+    for path in profile.values():
+        assert path["step_ms"] > 0 and sum(path["parts"].values()) == pytest.approx(1.0)
+        assert path["parts"]["convolution forward"] > 0
+    assert profile["teacher training"]["parts"]["convolution backward"] > 0
+    assert profile["teacher inference"]["parts"]["convolution backward"] == 0
+    assert "| convolution backward |" in result.stdout
