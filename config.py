@@ -10,7 +10,8 @@ DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | folder
 DATA_DIR = "data"  # where the dataset is read from (and downloaded to, if it is missing)
 DOWNLOAD = True  # download cifar10, cifar100 or fashion-mnist into DATA_DIR when it is not there
 IMAGE_SIZE = 32  # side of the square images that a 'folder' dataset is resized to
-VAL_SIZE = 5000  # training images held out (stratified) to pick the best epoch
+VAL_SIZE = 5000  # training images held out (stratified) to pick the best epoch; shrinks for small datasets
+TEST_FRACTION = 0.2  # share of a single <class>/ folder held out for testing, stratified, by SEED
 OUT_DIR = "checkpoints"  # checkpoints, logs and results go to OUT_DIR/<dataset>/
 
 # models and stages
@@ -143,7 +144,7 @@ KINDS = {  # constant -> the type the code sees; (type,) for a tuple of them, co
     **dict.fromkeys(("IMAGE_SIZE", "VAL_SIZE", "BATCH_SIZE", "CROP_PADDING", "SEED", "THREADS"), int),
     **dict.fromkeys(("WEIGHT_DECAY", "WARMUP", "LABEL_SMOOTHING", "MOMENTUM", "BIAS_LR_SCALE", "DROPOUT", "TEMPERATURE",
                      "ALPHA", "DKD_ALPHA", "DKD_BETA", "DKD_WARMUP", "LSKD_TEMPERATURE", "LSKD_WEIGHT", "FITNET_WEIGHT",
-                     "AT_WEIGHT"), float),
+                     "AT_WEIGHT", "TEST_FRACTION"), float),
     "EPOCHS": (int,), "LR": (float,), "ADAM_BETAS": (float,), "LR_MILESTONES": (float,),
 }  # fmt: skip
 KIND_WORDS = {str: "a string, in quotes", bool: "True or False", int: "an integer", float: "a number"}
@@ -222,6 +223,7 @@ RULES = {  # constant -> check(value) returning an error or None
     "AT_WEIGHT": NON_NEGATIVE, "THREADS": NON_NEGATIVE,
     "ADAM_BETAS": _holds("ADAM_BETAS", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
     "MOMENTUM": _in(0, 1), "WARMUP": _in(0, 1), "LABEL_SMOOTHING": _in(0, 1), "DROPOUT": _in(0, 1),
+    "TEST_FRACTION": _in(0, 1),
     "ALPHA": _in(0, 1, closed=True), "DKD_WARMUP": _in(0, 1, closed=True),
 }  # fmt: skip
 

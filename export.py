@@ -264,7 +264,9 @@ def parity_images(checkpoint, data_dir):
             f"checkpoint was trained on, or leave it out to check on generated images"
         )
     try:  # the folder's own data: no download, and no stand-in (the bundled CIFAR-10 copy) for a folder without it
-        dataset = data.load(dataset_name, data_dir, image_size=size, val_size=0, download=False, fallback=False)
+        made = checkpoint.get("config", {})  # a single <class>/* tree is split as train.py split it
+        dataset = data.load(dataset_name, data_dir, image_size=size, val_size=0, download=False, fallback=False,
+                            seed=made.get("SEED", 0), test_fraction=made.get("TEST_FRACTION", 0.2))  # fmt: skip
     except datafiles.DataError as error:
         usage_error(f"argument --data-dir: {error}")
     if dataset.classes != checkpoint["classes"] or dataset.in_channels != channels:
