@@ -12,7 +12,7 @@ DOWNLOAD = True  # download cifar10, cifar100 or fashion-mnist into DATA_DIR whe
 IMAGE_SIZE = 32  # side of the square images that a 'folder' dataset is resized to
 VAL_SIZE = 5000  # training images held out (stratified) to pick the best epoch; shrinks for small datasets
 TEST_FRACTION = 0.2  # share of a single <class>/ folder held out for testing, stratified, by SEED
-OUT_DIR = "checkpoints"  # checkpoints, logs and results go to OUT_DIR/<dataset>/
+OUT_DIR = "checkpoints"  # outputs go to OUT_DIR/<dataset>/ (a folder dataset: OUT_DIR/<its folder's name>/)
 
 # models and stages
 TEACHER = "airnet_m"  # teacher model, a name from models.MODELS
@@ -299,6 +299,13 @@ def fail(flag_name, message, prog=None):
     raise SystemExit(2)
 
 
+def output_name(dataset, data_dir):
+    """The folder under OUT_DIR of a run: the dataset's name, or for a folder
+    dataset the name of the data folder, so that two projects of one's own
+    images do not share (and refuse each other's) checkpoints."""
+    return (Path(data_dir).resolve().name or dataset) if dataset == "folder" else dataset
+
+
 def how_to_train(dataset, out_dir):
     """The train.py command that writes OUT_DIR/<dataset>/distilled.pt, the
     default checkpoint of predict.py and export.py, for their message on a
@@ -307,11 +314,13 @@ def how_to_train(dataset, out_dir):
     unless told."""
     datasets = importlib.import_module("data").DATASETS
     if dataset not in datasets:
-        return (f"{dataset!r} is not a dataset train.py trains ({', '.join(datasets)}; a tree of your own "
-                f"images is 'folder'): give one of these to --dataset, or --checkpoint PATH")  # fmt: skip
+        command = f"python3 train.py --dataset folder --data-dir <path to {dataset}/>"
+        return (f"{dataset!r} is not a dataset train.py trains ({', '.join(datasets)}); if it is a folder of your own "
+                f"images, train one with: {command}" + (f" --out-dir {shlex.quote(str(out_dir))}"
+                if Path(out_dir) != Path(OUT_DIR) else "") + "; else give --checkpoint PATH")  # fmt: skip
     command = f"python3 train.py --dataset {dataset}"
     if dataset == "folder":
-        command += " --data-dir <folder holding train/<class>/ and test/<class>/>"
+        command += " --data-dir <folder of <class>/ folders, or of train/ and test/>"
     if Path(out_dir) != Path(OUT_DIR):
         command += f" --out-dir {shlex.quote(str(out_dir))}"
     return f"train one with: {command}"

@@ -344,7 +344,8 @@ def add_arguments(parser):
 
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0], names=["OUT_DIR", "DATASET"], extra=add_arguments)
-    path = Path(cfg["checkpoint"] or Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt")
+    name = config.output_name(cfg["DATASET"], cfg["data_dir"] or cfg["DATASET"])  # a folder's, by its --data-dir
+    path = Path(cfg["checkpoint"] or Path(cfg["OUT_DIR"]) / name / "distilled.pt")
     if not path.is_file():
         how = config.how_to_train(cfg["DATASET"], cfg["OUT_DIR"]) if cfg["checkpoint"] is None else None
         usage_error(f"no checkpoint at {path}; {how or 'check the path given to --checkpoint'}")

@@ -16,6 +16,7 @@ import torch
 import predict
 import train
 
+import config
 import data
 import datafiles
 import plan
@@ -82,6 +83,15 @@ def test_the_command_after_a_stop_repeats_the_script_as_typed():
     )
 
 
+def test_a_folder_dataset_writes_under_its_folder_name_and_predict_says_how_to_train_it():
+    assert config.output_name("folder", "data/pets/") == "pets" and config.output_name("cifar10", "data") == "cifar10"
+    assert config.how_to_train("pets", "runs") == (
+        "'pets' is not a dataset train.py trains (cifar10, cifar100, fashion-mnist, folder); if it is a folder of "
+        "your own images, train one with: python3 train.py --dataset folder --data-dir <path to pets/> --out-dir "
+        "runs; else give --checkpoint PATH"
+    )
+
+
 def test_a_run_ends_by_naming_its_results_and_checkpoints(tmp_path):
     for name in ("results.md", "results.json", "curves.png", "teacher.pt", "distilled.pt", "student.last.pt"):
         (tmp_path / name).write_text("")
@@ -115,7 +125,7 @@ def test_a_class_tree_trains_and_resumes_from_another_directory(tmp_path):
             str(tmp_path / "out"), *tiny]  # fmt: skip
     done = subprocess.run([*args, "--epochs", "1"], capture_output=True, text=True, cwd=elsewhere, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    out = tmp_path / "out" / "folder"
+    out = tmp_path / "out" / "pets"  # the folder's name: another project's outputs go elsewhere
     assert "VAL_SIZE 5000 is too large for 240 training images; validating on 24 of them instead" in done.stdout
     assert "1 epoch of 27 steps" in done.stdout and "lr 0.00e+00" not in done.stdout
     assert f"checkpoints: teacher.pt, student.pt, distilled.pt in {out}" in done.stdout
