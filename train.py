@@ -45,6 +45,7 @@ SCRIPT = sys.argv[0] if PROG == Path(__file__).name else "train.py"
 # run and with each stage it trains (a commit made while it trains is not its code).
 GIT_STATE = report.git_commit()  # (commit, dirty, digest of the uncommitted changes)
 THIS_CODE = dict(zip(report.CODE, GIT_STATE))
+PROGRESS_SECONDS = 30  # how often a run whose output goes to a file says where it is inside an epoch
 DIVERGED = (
     "the loss had diverged, so nothing was saved over earlier progress; start the stage over with --fresh and "
     "a lower --lr"
@@ -119,6 +120,31 @@ def collapse_warning(stage, epoch, train_acc, val_acc, num_classes, amp_on):
             f"training accuracy is {train_acc:.2%}; {cause}")  # fmt: skip
 
 
+class LogProgress:
+    """The progress bar of output that is no terminal (a log file, where tqdm
+    writes nothing): a line every `every` seconds, flushed, so that an hour
+    inside one epoch does not look like a hang."""
+
+    def __init__(self, name, total, initial, every=PROGRESS_SECONDS, clock=time.monotonic):
+        self.name, self.total, self.n, self.every, self.clock = name, total, initial, every, clock
+        self.start = self.last = clock()
+        self.first = initial
+
+    def update(self):
+        self.n += 1
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = (now - self.start) / max(self.n - self.first, 1)
+            self.write(f"{self.name}: step {self.n:,}/{self.total:,} ({self.n / self.total:.0%}), {rate:.2f} s/step")
+
+    def write(self, line):
+        print(line, flush=True)
+
+    def close(self):
+        pass
+
+
 def save_progress(stage, progress):
     if master_process:
         checkpoint.save_progress(stage.path(".last.pt"), {**stage.state_dict(), "progress": progress.state_dict()})
@@ -137,15 +163,12 @@ def train_stage(row, cfg, dataset, device, out_dir, teacher=None, teacher_digest
         f"{len(dataset.train_y):,} train / {len(dataset.val_y):,} val images"
         + (f"; resuming at epoch {progress.epoch}, step {progress.step}" if row.progress is not None else "")
     )
-    bar = tqdm(
-        total=stage.epochs * stage.steps,
-        initial=(progress.epoch - 1) * stage.steps + progress.step,
-        desc=row.stage,
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
-        disable=None if master_process else True,
-    )
+    total, initial = stage.epochs * stage.steps, (progress.epoch - 1) * stage.steps + progress.step
+    if sys.stderr.isatty() or not master_process:
+        bar = tqdm(total=total, initial=initial, desc=row.stage, unit="step", dynamic_ncols=True, leave=False,
+                   disable=None if master_process else True)  # fmt: skip
+    else:  # a log file, where tqdm writes nothing
+        bar = LogProgress(row.stage, total, initial)
     row.begun = True
     with signals_held(f"finishing the current {'epoch' if ddp else 'step'} and saving progress", device):
         while progress.epoch <= stage.epochs:  # a torchrun job stops between epochs, a single process after a step

@@ -143,3 +143,14 @@ def test_a_class_tree_trains_and_resumes_from_another_directory(tmp_path):
                              cwd=tmp_path, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resume   student" in resumed.stdout and Path(out / "student.pt").is_file()
+
+
+def test_output_to_a_file_says_where_an_epoch_is_every_so_often(capsys):
+    now = [0.0]
+    bar = train.LogProgress("teacher", 100, 10, every=30, clock=lambda: now[0])
+    for seconds in (10, 20, 31, 40, 62):
+        now[0] = seconds
+        bar.update()
+    assert capsys.readouterr().out == (
+        "teacher: step 13/100 (13%), 10.33 s/step\nteacher: step 15/100 (15%), 12.40 s/step\n"
+    )
