@@ -28,6 +28,7 @@ import checkpoint
 import config
 import datafiles
 import pretrained
+import runtime
 
 STAGES = config.STAGE_NAMES
 
@@ -224,7 +225,7 @@ def heading(cfg, dataset, device):
     """The settings of the whole run, as resolved, for the first line of the plan."""
     return (
         f"plan: {cfg['DATASET']} from {dataset.source}, {len(dataset.classes)} classes; on {device} with "
-        f"{torch.get_num_threads()} threads; seed {cfg['SEED']}"
+        f"{runtime.counted(torch.get_num_threads(), 'thread')}; seed {cfg['SEED']}"
     )
 
 
