@@ -156,15 +156,16 @@ def shaping(cfg, stage):
     """The settings that shape `stage`'s result, by name: all but the runtime
     ones, with this stage's entry of the per-stage ones; the distillation
     settings and the teacher's name count for the distilled stage alone, the
-    student's name for the two student stages."""
+    student's name for the two student stages; the test fraction for a
+    folder dataset alone."""
     index, shaped = STAGE_NAMES.index(stage), {}
     for name, value in cfg.items():
         if name in RUNTIME_SETTINGS or not name.isupper():
             continue
         if stage != "distilled" and (name.startswith(DISTILLATION_SETTINGS) or name == "TEACHER" and index > 0):
             continue
-        if stage == "teacher" and name == "STUDENT":
-            continue
+        if stage == "teacher" and name == "STUDENT" or name == "TEST_FRACTION" and cfg.get("DATASET") != "folder":
+            continue  # TEST_FRACTION splits a folder dataset alone
         shaped[name] = value[index] if name in PER_STAGE else list(value) if isinstance(value, tuple) else value
     return shaped
 

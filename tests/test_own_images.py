@@ -154,3 +154,13 @@ def test_output_to_a_file_says_where_an_epoch_is_every_so_often(capsys):
     assert capsys.readouterr().out == (
         "teacher: step 13/100 (13%), 10.33 s/step\nteacher: step 15/100 (15%), 12.40 s/step\n"
     )
+
+
+def test_the_test_fraction_shapes_a_folder_dataset_alone():
+    cfg = config.defaults()
+    older = {k: v for k, v in cfg.items() if k != "TEST_FRACTION"}  # a checkpoint saved before the constant
+    assert config.differences(older, cfg, "teacher") == []
+    folder = {**cfg, "DATASET": "folder"}
+    assert config.differences({**folder, "TEST_FRACTION": 0.5}, folder, "teacher") == [
+        "--test-fraction 0.5 then, 0.2 now"
+    ]
