@@ -480,9 +480,10 @@ def train_run(cfg, seed, amp, folder):
     if done.returncode:
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
         raise SystemExit(f"bench.py: error: train.py {shlex.join(args)} failed: {tail[0]} (log: {log})")
-    results = json.loads((folder / cfg["DATASET"] / "results.json").read_text())
+    trained = folder / config.output_name(cfg["DATASET"], cfg["DATA_DIR"])
+    results = json.loads((trained / "results.json").read_text())
     for stage, row in results["stages"].items():
-        lines = (folder / cfg["DATASET"] / f"{stage}.jsonl").read_text().splitlines()
+        lines = (trained / f"{stage}.jsonl").read_text().splitlines()
         later = [json.loads(line)["val_acc"] for line in lines[1:]]
         row["lowest_later_val_acc"] = min((v for v in later if v is not None), default=None)
     return results["stages"]

@@ -10,8 +10,9 @@ DATASET = "cifar10"  # cifar10 | cifar100 | fashion-mnist | folder
 DATA_DIR = "data"  # where the dataset is read from (and downloaded to, if it is missing)
 DOWNLOAD = True  # download cifar10, cifar100 or fashion-mnist into DATA_DIR when it is not there
 IMAGE_SIZE = 32  # side of the square images that a 'folder' dataset is resized to
-VAL_SIZE = 5000  # training images held out (stratified) to pick the best epoch
-OUT_DIR = "checkpoints"  # checkpoints, logs and results go to OUT_DIR/<dataset>/
+VAL_SIZE = 5000  # training images held out (stratified) to pick the best epoch; shrinks for small datasets
+TEST_FRACTION = 0.2  # share of a single <class>/ folder held out for testing, stratified, by SEED
+OUT_DIR = "checkpoints"  # outputs go to OUT_DIR/<dataset>/ (a folder dataset: OUT_DIR/<its folder's name>/)
 
 # models and stages
 TEACHER = "airnet_m"  # teacher model, a name from models.MODELS
@@ -143,7 +144,7 @@ KINDS = {  # constant -> the type the code sees; (type,) for a tuple of them, co
     **dict.fromkeys(("IMAGE_SIZE", "VAL_SIZE", "BATCH_SIZE", "CROP_PADDING", "SEED", "THREADS"), int),
     **dict.fromkeys(("WEIGHT_DECAY", "WARMUP", "LABEL_SMOOTHING", "MOMENTUM", "BIAS_LR_SCALE", "DROPOUT", "TEMPERATURE",
                      "ALPHA", "DKD_ALPHA", "DKD_BETA", "DKD_WARMUP", "LSKD_TEMPERATURE", "LSKD_WEIGHT", "FITNET_WEIGHT",
-                     "AT_WEIGHT"), float),
+                     "AT_WEIGHT", "TEST_FRACTION"), float),
     "EPOCHS": (int,), "LR": (float,), "ADAM_BETAS": (float,), "LR_MILESTONES": (float,),
 }  # fmt: skip
 KIND_WORDS = {str: "a string, in quotes", bool: "True or False", int: "an integer", float: "a number"}
@@ -155,15 +156,16 @@ def shaping(cfg, stage):
     """The settings that shape `stage`'s result, by name: all but the runtime
     ones, with this stage's entry of the per-stage ones; the distillation
     settings and the teacher's name count for the distilled stage alone, the
-    student's name for the two student stages."""
+    student's name for the two student stages; the test fraction for a
+    folder dataset alone."""
     index, shaped = STAGE_NAMES.index(stage), {}
     for name, value in cfg.items():
         if name in RUNTIME_SETTINGS or not name.isupper():
             continue
         if stage != "distilled" and (name.startswith(DISTILLATION_SETTINGS) or name == "TEACHER" and index > 0):
             continue
-        if stage == "teacher" and name == "STUDENT":
-            continue
+        if stage == "teacher" and name == "STUDENT" or name == "TEST_FRACTION" and cfg.get("DATASET") != "folder":
+            continue  # TEST_FRACTION splits a folder dataset alone
         shaped[name] = value[index] if name in PER_STAGE else list(value) if isinstance(value, tuple) else value
     return shaped
 
@@ -222,6 +224,7 @@ RULES = {  # constant -> check(value) returning an error or None
     "AT_WEIGHT": NON_NEGATIVE, "THREADS": NON_NEGATIVE,
     "ADAM_BETAS": _holds("ADAM_BETAS", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
     "MOMENTUM": _in(0, 1), "WARMUP": _in(0, 1), "LABEL_SMOOTHING": _in(0, 1), "DROPOUT": _in(0, 1),
+    "TEST_FRACTION": _in(0, 1),
     "ALPHA": _in(0, 1, closed=True), "DKD_WARMUP": _in(0, 1, closed=True),
 }  # fmt: skip
 
@@ -297,6 +300,13 @@ def fail(flag_name, message, prog=None):
     raise SystemExit(2)
 
 
+def output_name(dataset, data_dir):
+    """The folder under OUT_DIR of a run: the dataset's name, or for a folder
+    dataset the name of the data folder, so that two projects of one's own
+    images do not share (and refuse each other's) checkpoints."""
+    return (Path(data_dir).resolve().name or dataset) if dataset == "folder" else dataset
+
+
 def how_to_train(dataset, out_dir):
     """The train.py command that writes OUT_DIR/<dataset>/distilled.pt, the
     default checkpoint of predict.py and export.py, for their message on a
@@ -305,11 +315,13 @@ def how_to_train(dataset, out_dir):
     unless told."""
     datasets = importlib.import_module("data").DATASETS
     if dataset not in datasets:
-        return (f"{dataset!r} is not a dataset train.py trains ({', '.join(datasets)}; a tree of your own "
-                f"images is 'folder'): give one of these to --dataset, or --checkpoint PATH")  # fmt: skip
+        command = f"python3 train.py --dataset folder --data-dir <path to {dataset}/>"
+        return (f"{dataset!r} is not a dataset train.py trains ({', '.join(datasets)}); if it is a folder of your own "
+                f"images, train one with: {command}" + (f" --out-dir {shlex.quote(str(out_dir))}"
+                if Path(out_dir) != Path(OUT_DIR) else "") + "; else give --checkpoint PATH")  # fmt: skip
     command = f"python3 train.py --dataset {dataset}"
     if dataset == "folder":
-        command += " --data-dir <folder holding train/<class>/ and test/<class>/>"
+        command += " --data-dir <folder of <class>/ folders, or of train/ and test/>"
     if Path(out_dir) != Path(OUT_DIR):
         command += f" --out-dir {shlex.quote(str(out_dir))}"
     return f"train one with: {command}"

@@ -8,7 +8,7 @@ training fast (see airbench).
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,11 +25,13 @@ DATASETS = {  # name -> loader(name, data_dir, cache_dirs, image_size, download,
 # ---------------------------------------------------------------- splits and batches
 
 
-def stratified_split(labels, val_size, seed):
+def stratified_split(labels, val_size, seed, each=False):
     """Indices (train, val) with `val_size` validation items, classes in proportion.
 
     Each class gives floor(val_size * share) items, and the remaining items go
-    to the classes with the largest remainders, so the total is exact."""
+    to the classes with the largest remainders, so the total is exact. each:
+    every class of two items or more gives at least one (the total may then
+    exceed val_size)."""
     labels = labels.cpu()
     n = len(labels)
     if not 0 <= val_size < n:
@@ -40,6 +42,8 @@ def stratified_split(labels, val_size, seed):
     take = exact.floor().long()
     remainder = val_size - int(take.sum())
     take[torch.argsort(exact - take, descending=True, stable=True)[:remainder]] += 1
+    if each:
+        take = torch.maximum(take, (counts > 1).long())
     train_parts, val_parts = [], []
     for label, count in enumerate(take.tolist()):
         members = torch.nonzero(labels == label).flatten()
@@ -63,6 +67,8 @@ class Data:
     mean: tuple  # per channel, in [0, 1]
     std: tuple
     source: str
+    test_files: list | None = None  # a single <class>/* tree: its test images, relative to it (see split_tree)
+    notes: list = field(default_factory=list)  # what load decided for the user to know, a line each
 
     @property
     def in_channels(self):
@@ -77,10 +83,46 @@ class Data:
         return normalize(images, self.mean, self.std, channels_last)
 
 
+def fitted_val_size(val_size, labels):
+    """The validation split's size for these training labels, and a line when
+    it is not `val_size`: a split of more than half of the training images
+    shrinks to a tenth of them (at least one per class, see stratified_split),
+    so that a few hundred images of one's own are not refused for the
+    CIFAR-sized default."""
+    n = len(labels)
+    if val_size <= n // 2:
+        return val_size, None
+    fitted = max(n // 10, 1)
+    return fitted, f"VAL_SIZE {val_size} is too large for {n} training images; validating on {fitted} of them instead"
+
+
+def split_tree(splits, test_fraction, seed):
+    """A single <class>/* tree split into train and test, stratified, by
+    `seed`: the same files, fraction and seed give the same split. Returns
+    the splits and the test files' relative paths."""
+    n_test = max(round(len(splits.train_y) * test_fraction), 1)
+    train_idx, test_idx = stratified_split(splits.train_y, n_test, seed, each=True)
+    x, y = splits.train_x, splits.train_y
+    test_files = [splits.files[i] for i in test_idx.tolist()]
+    return replace(
+        splits, train_x=x[train_idx], train_y=y[train_idx], test_x=x[test_idx], test_y=y[test_idx]
+    ), test_files
+
+
 def load(
-    name, data_dir, cache_dirs=(), image_size=32, val_size=5000, seed=0, device="cpu", download=True, fallback=True
+    name,
+    data_dir,
+    cache_dirs=(),
+    image_size=32,
+    val_size=5000,
+    seed=0,
+    device="cpu",
+    download=True,
+    fallback=True,
+    test_fraction=0.2,
 ):
     """Load dataset `name`, carve a stratified validation split, move to `device`.
+    A single <class>/* tree is first split into train and test (test_fraction).
 
     fallback: whether a dataset missing from `data_dir` (and not downloaded)
     may come from the bundled CIFAR-10 copy or the system Fashion-MNIST. They
@@ -91,7 +133,14 @@ def load(
     splits = DATASETS[name](name, data_dir, [data_dir, *cache_dirs], image_size, download, fallback)
     if len(splits.classes) < 2:
         raise datafiles.DataError(f"{splits.source}: need at least two classes, found {len(splits.classes)}")
-    train_idx, val_idx = stratified_split(splits.train_y, val_size, seed)
+    test_files, notes = None, []
+    if splits.files is not None:
+        splits, test_files = split_tree(splits, test_fraction, seed)
+        notes.append(f"split: {len(test_files)} of the {len(test_files) + len(splits.train_y)} images held out for "
+                     f"testing (TEST_FRACTION {test_fraction:g}, seed {seed})")  # fmt: skip
+    fitted, note = fitted_val_size(val_size, splits.train_y)
+    notes += [note] if note else []
+    train_idx, val_idx = stratified_split(splits.train_y, fitted, seed, each=fitted != val_size)
     train_x = splits.train_x[train_idx]
     mean, std = channel_stats(train_x)
     return Data(
@@ -105,6 +154,8 @@ def load(
         mean,
         std,
         splits.source,
+        test_files,
+        notes,
     )
 
 

@@ -15,7 +15,10 @@ Sources:
   /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist; also a
   fallback); otherwise torchvision downloads them.
 - folder: any train/<class>/* + test/<class>/* tree of images (test/ may
-  also be called val/ or validation/), with the same classes in both.
+  also be called val/ or validation/), with the same classes in both; or a
+  single <class>/* tree (torchvision's ImageFolder layout), returned whole
+  as train images with their relative paths in Splits.files, for data.load
+  to split.
 Decoded image trees are cached (see `load_image_tree`).
 """
 
@@ -58,6 +61,7 @@ Image.MAX_IMAGE_PIXELS = None
 MAX_PIXELS = 250_000_000  # larger images are refused as possible decompression bombs (a 200-megapixel photo passes)
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, as a viewer shows them on a page
 VECTOR_SUFFIXES = (".svg", ".svgz")
+SPLIT_FILE = "split.json"  # in OUT_DIR/<dataset>/: how train.py split a single <class>/* tree, for predict.py
 
 
 class DataError(Exception):
@@ -83,6 +87,7 @@ class Splits:
     test_y: torch.Tensor
     classes: list
     source: str  # where the data was read from, for logs
+    files: list | None = None  # a single <class>/* tree: the train images' paths relative to it (no test split)
 
 
 def atomic_write(path, write):
@@ -201,6 +206,45 @@ def held_out_folder(root):
 
 def is_image_tree(root):
     return (Path(root) / "train").is_dir() and held_out_folder(root) is not None
+
+
+def is_class_tree(root):
+    """A single <class>/<image> tree: class folders holding images, no train/."""
+    root = Path(root)
+    if not root.is_dir() or (root / "train").is_dir():
+        return False
+    return any(list_images(folder) for folder in class_folders(root))
+
+
+def class_tree_files(root):
+    """The classes of a single <class>/* tree and each one's image files; a
+    class folder without images is refused, as in tree_files."""
+    classes = [p.name for p in class_folders(root)]
+    per_class = [list_images(Path(root) / c) for c in classes]
+    empty = [c for c, found in zip(classes, per_class) if not found]
+    if empty:
+        plural = "es" * (len(empty) > 1)
+        raise DataError(f"no images for class{plural} {listed(empty)} (no image files in {root}/<class>/); add some "
+                        f"there, or remove the class{plural}")  # fmt: skip
+    return classes, per_class
+
+
+def load_class_tree(root, size, channels, cache_dirs):
+    """Decode a single <class>/* tree once (then reuse a cache, as
+    load_image_tree), as train images alone, with their relative paths."""
+    root = Path(root)
+    classes, per_class = class_tree_files(root)
+    found = [f for files in per_class for f in files]
+    files = [f.relative_to(root).as_posix() for f in found]
+    name = cache_name(root, size, channels)
+    blob, cached = read_cache(cache_dirs, name, tree_fingerprint(found))
+    if blob is None:
+        train_x, train_y = decode_split(root, per_class, size, channels)
+        blob = {"fingerprint": tree_fingerprint(found), "classes": classes, "train_x": train_x, "train_y": train_y}
+        write_cache(cache_dirs, name, blob)
+    empty = blob["train_x"][:0]
+    source = str(root) if cached is None else f"{root} (cached in {cached})"
+    return Splits(blob["train_x"], blob["train_y"], empty, blob["train_y"][:0], blob["classes"], source, files)
 
 
 def tree_fingerprint(files):
@@ -647,10 +691,13 @@ def load_fashion_mnist(name, data_dir, cache_dirs, image_size, download=True, fa
 
 
 def load_folder(name, data_dir, cache_dirs, image_size, download=True, fallback=True):
+    if is_class_tree(data_dir):
+        return one_channel_if_grey(load_class_tree(data_dir, image_size, 3, cache_dirs))
     if not is_image_tree(data_dir):
         raise DataError(
             f"{data_dir} is not an image tree: expected {data_dir}/train/<class>/* and "
-            f"{data_dir}/test/<class>/* (or val/, validation/); point --data-dir at such a folder"
+            f"{data_dir}/test/<class>/* (or val/, validation/), or {data_dir}/<class>/*; point --data-dir at such "
+            "a folder"
         )
     return one_channel_if_grey(load_image_tree(data_dir, image_size, 3, cache_dirs))
 
@@ -668,7 +715,7 @@ def one_channel_if_grey(splits):
 
 def expected_contents(name):
     """What DATA_DIR should hold for dataset `name`, in words, for messages."""
-    tree = "train/<class>/ + test/<class>/ image folders (test/ may be val/ or validation/)"
+    tree = "train/<class>/ + test/<class>/ image folders (test/ may be val/ or validation/), or <class>/ folders"
     if name in CIFAR_ARCHIVES:
         return f"{CIFAR_ARCHIVES[name]}, its extracted {CIFAR_LAYOUTS[name][0]}/, or {tree}"
     if name == "fashion-mnist":

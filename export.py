@@ -232,7 +232,9 @@ def parity_images(checkpoint, data_dir):
             f"checkpoint was trained on, or leave it out to check on generated images"
         )
     try:  # the folder's own data: no download, and no stand-in (the bundled CIFAR-10 copy) for a folder without it
-        dataset = data.load(dataset_name, data_dir, image_size=size, val_size=0, download=False, fallback=False)
+        made = checkpoint.get("config", {})  # a single <class>/* tree is split as train.py split it
+        dataset = data.load(dataset_name, data_dir, image_size=size, val_size=0, download=False, fallback=False,
+                            seed=made.get("SEED", 0), test_fraction=made.get("TEST_FRACTION", 0.2))  # fmt: skip
     except datafiles.DataError as error:
         usage_error(f"argument --data-dir: {error}")
     if dataset.classes != checkpoint["classes"] or dataset.in_channels != channels:
@@ -310,7 +312,8 @@ def add_arguments(parser):
 
 def main(argv=None):
     cfg = config.parse(argv, description=__doc__.split("\n\n")[0], names=["OUT_DIR", "DATASET"], extra=add_arguments)
-    path = Path(cfg["checkpoint"] or Path(cfg["OUT_DIR"]) / cfg["DATASET"] / "distilled.pt")
+    name = config.output_name(cfg["DATASET"], cfg["data_dir"] or cfg["DATASET"])  # a folder's, by its --data-dir
+    path = Path(cfg["checkpoint"] or Path(cfg["OUT_DIR"]) / name / "distilled.pt")
     if not path.is_file():
         how = config.how_to_train(cfg["DATASET"], cfg["OUT_DIR"]) if cfg["checkpoint"] is None else None
         usage_error(f"no checkpoint at {path}; {how or 'check the path given to --checkpoint'}")

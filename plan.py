@@ -28,6 +28,7 @@ import checkpoint
 import config
 import datafiles
 import pretrained
+import runtime
 
 STAGES = config.STAGE_NAMES
 
@@ -127,14 +128,15 @@ class Plan:
 
 
 def out_folder(cfg, world_size):
-    """The output folder, OUT_DIR/<dataset>, once the settings that need no
-    data are checked: --batch-size against the processes of a torchrun job
+    """The output folder, OUT_DIR/<dataset> (for a folder dataset, the data
+    folder's name: config.output_name), once the settings that need no data
+    are checked: --batch-size against the processes of a torchrun job
     (DDP averages their gradients with equal weights) and --out-dir, which
     must be writable now, not after an hour of training."""
     if cfg["BATCH_SIZE"] % world_size:
         config.fail("batch-size", f"{cfg['BATCH_SIZE']} does not split evenly over the {world_size} processes of this "
                     f"torchrun job; give a multiple of {world_size}")  # fmt: skip
-    out_dir = Path(cfg["OUT_DIR"]) / cfg["DATASET"]
+    out_dir = Path(cfg["OUT_DIR"]) / config.output_name(cfg["DATASET"], cfg["DATA_DIR"])
     if reason := checkpoint.unwritable(out_dir):
         config.fail("out-dir", f"cannot write to {out_dir} ({reason}); choose a writable --out-dir")
     return out_dir
@@ -223,7 +225,7 @@ def heading(cfg, dataset, device):
     """The settings of the whole run, as resolved, for the first line of the plan."""
     return (
         f"plan: {cfg['DATASET']} from {dataset.source}, {len(dataset.classes)} classes; on {device} with "
-        f"{torch.get_num_threads()} threads; seed {cfg['SEED']}"
+        f"{runtime.counted(torch.get_num_threads(), 'thread')}; seed {cfg['SEED']}"
     )
 
 

@@ -149,6 +149,24 @@ def refuse_foreign_folders(items, classes):
         )
 
 
+def recorded_test_images(items, paths, split_file, classes):
+    """The images --evaluate scores, once their folders are checked against
+    `classes`: on the single <class>/* tree that train.py split (its
+    split.json, beside the checkpoint, names the tree), the recorded test
+    images of that tree alone, the others having been trained on."""
+    refuse_foreign_folders(items, classes)
+    if not split_file.is_file():
+        return items
+    split = json.loads(split_file.read_text())
+    root = Path(split["root"])
+    if not any(Path(raw).resolve() == root for raw in paths):
+        return items
+    test = {root / name for name in split["test"]}
+    kept = [(p, error) for p, error in items if root not in p.resolve().parents or p.resolve() in test]
+    print(f"{root}: evaluating the {len(test)} test images recorded in {split_file}", file=sys.stderr)
+    return kept
+
+
 def read_image(path, size, channels, max_pixels):
     """uint8 (C, size, size) array, or an error string that names the problem."""
     try:
@@ -240,7 +258,7 @@ def main(argv=None):
     classes = checkpoint["classes"]
     items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
     if cfg["evaluate"]:
-        refuse_foreign_folders(items, classes)
+        items = recorded_test_images(items, cfg["paths"], Path(path).parent / datafiles.SPLIT_FILE, classes)
 
     k = min(cfg["top_k"], len(classes))
     started = time.perf_counter()

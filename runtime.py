@@ -37,3 +37,8 @@ def make_deterministic():
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def counted(n, noun):
+    """'1 epoch', '2 epochs': a count with its noun in the right number (nouns that take an s)."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"

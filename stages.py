@@ -173,6 +173,7 @@ class EpochSums:
     code: dict  # the commit of the run that began the epoch
     seen: int = 0
     seconds: float = 0.0
+    lr: float = 0.0  # the learning rate of the epoch's last step (the scheduler's next one ends at 0)
 
     def add(self, step, loss, logits, labels):
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)

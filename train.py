@@ -15,6 +15,7 @@ run ends with results.md and results.json.
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -37,10 +38,14 @@ from plan import TrainingError
 
 STAGES = config.STAGE_NAMES
 PROG = Path(sys.argv[0]).name
+# the script as typed (path included), for the command printed after a stop; "train.py" when main() is called
+# from elsewhere (tests)
+SCRIPT = sys.argv[0] if PROG == Path(__file__).name else "train.py"
 # The code that trains: its commit as this process starts, recorded with the
 # run and with each stage it trains (a commit made while it trains is not its code).
 GIT_STATE = report.git_commit()  # (commit, dirty, digest of the uncommitted changes)
 THIS_CODE = dict(zip(report.CODE, GIT_STATE))
+PROGRESS_SECONDS = 30  # how often a run whose output goes to a file says where it is inside an epoch
 DIVERGED = (
     "the loss had diverged, so nothing was saved over earlier progress; start the stage over with --fresh and "
     "a lower --lr"
@@ -115,6 +120,31 @@ def collapse_warning(stage, epoch, train_acc, val_acc, num_classes, amp_on):
             f"training accuracy is {train_acc:.2%}; {cause}")  # fmt: skip
 
 
+class LogProgress:
+    """The progress bar of output that is no terminal (a log file, where tqdm
+    writes nothing): a line every `every` seconds, flushed, so that an hour
+    inside one epoch does not look like a hang."""
+
+    def __init__(self, name, total, initial, every=PROGRESS_SECONDS, clock=time.monotonic):
+        self.name, self.total, self.n, self.every, self.clock = name, total, initial, every, clock
+        self.start = self.last = clock()
+        self.first = initial
+
+    def update(self):
+        self.n += 1
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = (now - self.start) / max(self.n - self.first, 1)
+            self.write(f"{self.name}: step {self.n:,}/{self.total:,} ({self.n / self.total:.0%}), {rate:.2f} s/step")
+
+    def write(self, line):
+        print(line, flush=True)
+
+    def close(self):
+        pass
+
+
 def save_progress(stage, progress):
     if master_process:
         checkpoint.save_progress(stage.path(".last.pt"), {**stage.state_dict(), "progress": progress.state_dict()})
@@ -128,19 +158,17 @@ def train_stage(row, cfg, dataset, device, out_dir, teacher=None, teacher_digest
     progress = stages.Progress() if row.progress is None else restore(stage, row.progress)
     print(
         f"\n== {row.stage}: {stage.model_name} ({models.count_params(stage.model):,} params) on {device}"
-        f"{', bf16' if stage.amp_on else ''}, {stage.epochs} epochs of {stage.steps} steps, "
+        f"{', bf16' if stage.amp_on else ''}, {runtime.counted(stage.epochs, 'epoch')} of "
+        f"{runtime.counted(stage.steps, 'step')}, "
         f"{len(dataset.train_y):,} train / {len(dataset.val_y):,} val images"
         + (f"; resuming at epoch {progress.epoch}, step {progress.step}" if row.progress is not None else "")
     )
-    bar = tqdm(
-        total=stage.epochs * stage.steps,
-        initial=(progress.epoch - 1) * stage.steps + progress.step,
-        desc=row.stage,
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
-        disable=None if master_process else True,
-    )
+    total, initial = stage.epochs * stage.steps, (progress.epoch - 1) * stage.steps + progress.step
+    if sys.stderr.isatty() or not master_process:
+        bar = tqdm(total=total, initial=initial, desc=row.stage, unit="step", dynamic_ncols=True, leave=False,
+                   disable=None if master_process else True)  # fmt: skip
+    else:  # a log file, where tqdm writes nothing
+        bar = LogProgress(row.stage, total, initial)
     row.begun = True
     with signals_held(f"finishing the current {'epoch' if ddp else 'step'} and saving progress", device):
         while progress.epoch <= stage.epochs:  # a torchrun job stops between epochs, a single process after a step
@@ -220,6 +248,7 @@ def train_epoch(stage, progress, bar):
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stage.optimizer.step()
+        sums.lr = stage.optimizer.param_groups[0]["lr"]
         stage.scheduler.step()
         sums.add(progress.step, loss.detach(), logits, labels)
         progress.step += 1
@@ -266,7 +295,7 @@ def end_epoch(stage, progress, sums, bar):
         "loss": round(train_loss, 5),
         "train_acc": round(sums.correct.item() / sums.seen, 5),
         "val_acc": None if val_acc is None else round(val_acc, 5),
-        "lr": stage.scheduler.get_last_lr()[0],
+        "lr": sums.lr,  # that of the epoch's last step
         "images": sums.seen,
         "seconds": round(sums.seconds, 2),
         **THIS_CODE,  # a resumed stage may have epochs from other code
@@ -285,7 +314,8 @@ def end_epoch(stage, progress, sums, bar):
         progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state}
     bar.write(
         f"{stage.name} epoch {progress.epoch:3d}/{stage.epochs}  loss {train_loss:.4f}  train "
-        f"{record['train_acc']:.2%}  val {percent(val_acc)}  lr {record['lr']:.2e}  {record['seconds']:.1f}s"
+        f"{record['train_acc']:.2%}  val {percent(val_acc)}  lr {record['lr']:.2e} (last step)  "
+        f"{record['seconds']:.1f}s"
     )
     if warning:
         bar.write(warning)
@@ -361,13 +391,27 @@ def load_data(cfg, device, out_dir):
     with in_turns():
         dataset = data.load(cfg["DATASET"], cfg["DATA_DIR"], cache_dirs=[out_dir], image_size=cfg["IMAGE_SIZE"],
                             val_size=cfg["VAL_SIZE"], seed=cfg["SEED"], device=device, download=cfg["DOWNLOAD"],
-                            fallback=fallback)  # fmt: skip
+                            fallback=fallback, test_fraction=cfg["TEST_FRACTION"])  # fmt: skip
+    for note in dataset.notes:
+        print(note)
+    if dataset.test_files is not None and master_process:
+        record_split(cfg, dataset, out_dir)
     print(
         f"data: {cfg['DATASET']} from {dataset.source}: {len(dataset.classes)} classes, "
         f"{dataset.in_channels}x{dataset.image_size}x{dataset.image_size}, {len(dataset.train_y):,} train, "
         f"{len(dataset.val_y):,} val, {len(dataset.test_y):,} test"
     )
     return dataset
+
+
+def record_split(cfg, dataset, out_dir):
+    """OUT_DIR/<dataset>/split.json: the test images of a single <class>/*
+    tree, so that predict.py --evaluate scores those alone (see data.split_tree)."""
+    split = {"root": str(Path(cfg["DATA_DIR"]).resolve()), "seed": cfg["SEED"],
+             "test_fraction": cfg["TEST_FRACTION"], "test": dataset.test_files}  # fmt: skip
+    checkpoint.write_text(out_dir / datafiles.SPLIT_FILE, json.dumps(split, indent=1) + "\n")
+    print(f"split: its test images are listed in {out_dir / datafiles.SPLIT_FILE}; predict.py --evaluate "
+          f"{shlex.quote(cfg['DATA_DIR'])} scores those alone")  # fmt: skip
 
 
 def brought_teacher(cfg, decided, dataset, device):
@@ -412,22 +456,30 @@ def train_stages(cfg, decided, dataset, device, out_dir):
 def main(argv=None):
     """Run train.py; returns the exit status of a run that a signal stopped, None otherwise."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    decided = plan.Plan(argv, PROG, ddp)  # until the plan is made, a stop has trained nothing
+    decided = plan.Plan(argv, SCRIPT, ddp)  # until the plan is made, a stop has trained nothing
     try:
         cfg = config.parse(argv, description=__doc__.split("\n\n")[0])
         device, out_dir = set_up(cfg)
         run = report.run_info(cfg["SEED"], device, runtime.autocast(device, cfg["AMP"])[1], GIT_STATE)
         dataset = load_data(cfg, device, out_dir)
-        decided = plan.make(cfg, dataset, device, out_dir, argv, PROG, ddp)
+        decided = plan.make(cfg, dataset, device, out_dir, argv, SCRIPT, ddp)
         print(decided.text())
         results = train_stages(cfg, decided, dataset, device, out_dir)
         if master_process:
             report.write_run(cfg, decided, results, out_dir, dataset, run)
+            print(outputs(out_dir))
     except Interrupted as stop:
         return stopped(stop.signum, f"stopped by {stop}; {decided.go_on() if stop.saved else DIVERGED}")
     except KeyboardInterrupt:  # see request_stop; a .last.pt is from the end of an epoch or earlier
         signum = STOP["signal"] or signal.SIGINT
         return stopped(signum, f"stopped at once by {signal.Signals(signum).name}; {decided.go_on()}")
+
+
+def outputs(out_dir):
+    """The closing lines: where the results and the checkpoints are."""
+    written = [name for name in ("results.md", "results.json", "curves.png") if (out_dir / name).exists()]
+    saved = [f"{stage}.pt" for stage in STAGES if (out_dir / f"{stage}.pt").exists()]
+    return f"results: {', '.join(str(out_dir / n) for n in written)}\ncheckpoints: {', '.join(saved)} in {out_dir}"
 
 
 def stopped(signum, line):

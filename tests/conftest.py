@@ -197,7 +197,7 @@ def train_teacher(data_dir, out_dir, epochs, dataset="cifar10"):
     result = run_script("train.py", "--dataset", dataset, "--data-dir", data_dir, "--out-dir", out_dir,
                         "--stages", "teacher", *FAST, "--epochs", epochs)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    return Path(out_dir) / dataset / "teacher.pt"
+    return Path(out_dir) / (Path(data_dir).name if dataset == "folder" else dataset) / "teacher.pt"
 
 
 def tensor_dataset(images, labels, num_classes, mean=(0.5,) * 3, std=(0.25,) * 3):

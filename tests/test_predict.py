@@ -329,10 +329,11 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
     "dataset,how",
     [
         ("cifar100", "train one with: python3 train.py --dataset cifar100 --out-dir {out}"),
-        ("folder", "train one with: python3 train.py --dataset folder --data-dir <folder holding train/<class>/ "
-                   "and test/<class>/> --out-dir {out}"),
-        ("imagenet", "'imagenet' is not a dataset train.py trains (cifar10, cifar100, fashion-mnist, folder; "
-                     "a tree of your own images is 'folder'): give one of these to --dataset, or --checkpoint PATH"),
+        ("folder", "train one with: python3 train.py --dataset folder --data-dir <folder of <class>/ folders, or "
+                   "of train/ and test/> --out-dir {out}"),
+        ("imagenet", "'imagenet' is not a dataset train.py trains (cifar10, cifar100, fashion-mnist, folder); if it is "
+                     "a folder of your own images, train one with: python3 train.py --dataset folder --data-dir "
+                     "<path to imagenet/> --out-dir {out}; else give --checkpoint PATH"),
     ],
 )  # fmt: skip
 def test_missing_default_checkpoint_says_how_to_make_it(tmp_path, good, dataset, how):

@@ -239,7 +239,7 @@ def interrupt_when(module, function, *args):
 @pytest.mark.slow
 def test_ctrl_c_outside_the_training_steps_exits_130_keeping_what_is_saved(tiny_cifar, tmp_path):
     args = ["--data-dir", tiny_cifar, "--out-dir", tmp_path, *FAST, "--stages", "teacher"]
-    typed = f"python3 train.py {shlex.join(map(str, args))}"
+    typed = f"python3 {shlex.quote(str(ROOT / 'train.py'))} {shlex.join(map(str, args))}"  # the script as typed
     folder = tmp_path / "cifar10"
     saving = interrupt_when("checkpoint", "save", *args)  # as the finished stage is saved: saved, then stopped
     assert_one_line_error(saving, "stopped by SIGINT; progress is saved. Continue with:", "--resume", code=130)
@@ -262,7 +262,8 @@ def test_a_fresh_retrain_stopped_part_way_goes_on_as_a_retrain(tiny_cifar, tmp_p
     folder = tmp_path / "cifar10"
     old = (folder / "teacher.pt").read_bytes()
     stopped = interrupt_when("data", "train_batches", *args, "--fresh")  # after the first step of the retrain
-    go_on = f"python3 train.py {shlex.join(map(str, args[:-2]))} --stages teacher --fresh --resume"
+    script = shlex.quote(str(ROOT / "train.py"))  # as typed
+    go_on = f"python3 {script} {shlex.join(map(str, args[:-2]))} --stages teacher --fresh --resume"
     assert_one_line_error(stopped, f"stopped by SIGINT; progress is saved. Continue with: {go_on}", code=130)
     assert (folder / "teacher.last.pt").exists() and (folder / "teacher.pt").read_bytes() == old
     # plain --resume would have kept the old teacher.pt and left the retrain's progress behind

@@ -457,8 +457,8 @@ def test_reported_test_accuracy_is_what_predict_evaluate_measures_under_bf16(tmp
     result = run_script("train.py", "--dataset", "folder", "--data-dir", tree, "--out-dir", tmp_path / "out", *FAST,
                         "--stages", "teacher", "--amp", "bf16", "--epochs", "3")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    reported = json.loads((tmp_path / "out" / "folder" / "results.json").read_text())["stages"]["teacher"]
+    reported = json.loads((tmp_path / "out" / "tree" / "results.json").read_text())["stages"]["teacher"]
     evaluated = run_script("predict.py", tree / "test", "--evaluate", "--checkpoint",
-                           tmp_path / "out" / "folder" / "teacher.pt", "--device", "cpu")  # fmt: skip
+                           tmp_path / "out" / "tree" / "teacher.pt", "--device", "cpu")  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert f"accuracy {reported['test_acc']:.2%} on 40 images" in evaluated.stdout
