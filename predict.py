@@ -240,12 +240,9 @@ def confusion_summary(labels, predicted, classes):
 
 def main(argv=None):
     cfg = config.parse(argv, __doc__.split("\n\n")[0], names=["OUT_DIR", "DEVICE"], extra=add_arguments)
-    if cfg["top_k"] < 1:
-        config.fail("top-k", f"must be >= 1 (got {cfg['top_k']})", PROG)
-    if cfg["batch_size"] < 1:
-        config.fail("batch-size", f"must be >= 1 (got {cfg['batch_size']})", PROG)
-    if cfg["max_pixels"] < 1:
-        config.fail("max-pixels", f"must be >= 1 (got {cfg['max_pixels']})", PROG)
+    for name in ("top_k", "batch_size", "max_pixels"):
+        if cfg[name] < 1:
+            config.fail(name.replace("_", "-"), f"must be >= 1 (got {cfg[name]})", PROG)
     if cfg["evaluate"]:
         refuse_whole_dataset(cfg["paths"])
     device = runtime.device(cfg["DEVICE"], PROG)

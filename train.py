@@ -103,23 +103,6 @@ def percent(fraction):
     return "n/a" if fraction is None else f"{fraction:.2%}"
 
 
-def collapse_warning(stage, epoch, train_acc, val_acc, num_classes, amp_on):
-    """One line when validation accuracy is near chance while training accuracy
-    is high (None otherwise): the network that evaluates is not the one that
-    trains, and the best epoch, then the test accuracy, would quietly pay."""
-    chance = 1 / num_classes
-    if val_acc is None or val_acc > chance + 0.1 * (1 - chance) or train_acc < chance + 0.5 * (1 - chance):
-        return None
-    cause = (
-        "the likely cause is bf16 mixed precision: start the stage over with --fresh --amp off, or try --threads 1"
-        if amp_on
-        else "its batch-norm statistics do not fit the validation images: check that they are prepared as the "
-        "training images are"
-    )
-    return (f"warning: {stage} epoch {epoch}: validation accuracy {val_acc:.2%} is near chance ({chance:.0%}) while "
-            f"training accuracy is {train_acc:.2%}; {cause}")  # fmt: skip
-
-
 class LogProgress:
     """The progress bar of output that is no terminal (a log file, where tqdm
     writes nothing): a line every `every` seconds, flushed, so that an hour
@@ -302,7 +285,7 @@ def end_epoch(stage, progress, sums, bar):
     }
     if sums.code != THIS_CODE:  # stopped part-way by other code, and resumed by this
         record["begun_by"] = sums.code
-    warning = collapse_warning(stage.name, progress.epoch, record["train_acc"], val_acc, len(dataset.classes),
+    warning = stages.collapse_warning(stage.name, progress.epoch, record["train_acc"], val_acc, len(dataset.classes),
                                stage.amp_on)  # fmt: skip
     if warning:
         record["warning"] = warning

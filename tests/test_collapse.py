@@ -2,12 +2,12 @@
 
 import pytest
 
-import train
+import stages
 
 
 def test_a_collapse_under_bf16_is_named_with_its_likely_cause_and_what_to_try():
     # the teacher of a digit dataset under bf16: 94.5% of its training images right, 11.5% of validation
-    line = train.collapse_warning("teacher", 2, 0.945, 0.115, 10, amp_on=True)
+    line = stages.collapse_warning("teacher", 2, 0.945, 0.115, 10, amp_on=True)
     assert line == (
         "warning: teacher epoch 2: validation accuracy 11.50% is near chance (10%) while training accuracy is "
         "94.50%; the likely cause is bf16 mixed precision: start the stage over with --fresh --amp off, or try "
@@ -16,7 +16,7 @@ def test_a_collapse_under_bf16_is_named_with_its_likely_cause_and_what_to_try():
 
 
 def test_a_collapse_in_float32_points_at_the_batch_norm_statistics():
-    line = train.collapse_warning("student", 3, 0.9, 0.01, 100, amp_on=False)
+    line = stages.collapse_warning("student", 3, 0.9, 0.01, 100, amp_on=False)
     assert line.startswith("warning: student epoch 3: validation accuracy 1.00% is near chance (1%)")
     assert "batch-norm statistics" in line and "--amp off" not in line
 
@@ -32,4 +32,4 @@ def test_a_collapse_in_float32_points_at_the_batch_norm_statistics():
     ],
 )
 def test_no_warning_without_a_collapse(train_acc, val_acc, classes):
-    assert train.collapse_warning("teacher", 1, train_acc, val_acc, classes, amp_on=True) is None
+    assert stages.collapse_warning("teacher", 1, train_acc, val_acc, classes, amp_on=True) is None
