@@ -363,6 +363,8 @@ def main(argv=None):
         config.fail("workers", "must be >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
+    if busy := report.busy_cpu():
+        print(busy, file=sys.stderr)
     out = output_file(cfg, "latency.json" if cfg["latency"] else "precision.json" if cfg["precision"] else "bench.json")
     if cfg["latency"]:
         return latency(cfg, out)

@@ -715,9 +715,9 @@ def one_channel_if_grey(splits):
 
 def expected_contents(name):
     """What DATA_DIR should hold for dataset `name`, in words, for messages."""
-    tree = "train/<class>/ + test/<class>/ image folders (test/ may be val/ or validation/), or <class>/ folders"
+    tree = "train/<class>/ + test/<class>/ image folders (test/ may be val/ or validation/)"
     if name in CIFAR_ARCHIVES:
         return f"{CIFAR_ARCHIVES[name]}, its extracted {CIFAR_LAYOUTS[name][0]}/, or {tree}"
     if name == "fashion-mnist":
         return ", ".join(f"{stem}.gz" for stem in FASHION_MNIST_FILES.values()) + " (or the same unzipped)"
-    return tree
+    return f"{tree}, or <class>/ folders"

@@ -537,6 +537,17 @@ def device_name(device):
     return f"{platform.processor() or platform.machine()}, {all_cores()} cores"
 
 
+def busy_cpu():
+    """A warning line when other processes already keep the CPU busy (a
+    1-minute load average of half the cores or more), else None: torch's
+    threads then wait for one another, and timings mean little."""
+    load, cores = os.getloadavg()[0], all_cores()
+    if load < cores / 2:
+        return None
+    return (f"warning: the CPU is busy before measuring (load average {load:.1f} on {cores} cores): other "
+            f"processes disturb these figures; measure alone, or pass --threads 1")  # fmt: skip
+
+
 def cpu_kind():
     """What decides bf16's cost on this CPU: AMX, AVX-512 BF16, or neither
     (bf16 then runs on slow reference kernels)."""

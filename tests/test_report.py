@@ -287,3 +287,13 @@ def test_a_failed_export_or_report_still_writes_the_results(tmp_path, monkeypatc
             assert results["compression"] == {"error": reason}
             assert f"Not measured: the compression report failed ({reason})" in markdown
             assert "compression report skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("load,warned", [(0.4, False), (1.0, True), (3.9, True)])
+def test_bench_warns_when_other_processes_keep_the_cpu_busy(monkeypatch, load, warned):
+    monkeypatch.setattr(report.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(report, "all_cores", lambda: 2)
+    line = report.busy_cpu()
+    assert (line is not None) == warned
+    if warned:
+        assert line.startswith(f"warning: the CPU is busy before measuring (load average {load:.1f} on 2 cores)")
