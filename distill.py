@@ -32,19 +32,15 @@ def register(name):
 
 
 class FrozenTeacher(nn.Module):
-    """A trained network that only gives targets, in inference form.
+    """A trained network that only gives targets.
 
-    It holds a copy of the network with its batch norms folded into the
-    convolutions (models.fold_batch_norm: fewer passes over memory per step,
-    the same outputs to float rounding). Its weights never require gradients,
-    it stays in eval mode whatever `.train()` is called on it (so batch-norm
-    statistics and dropout are those of inference), and it runs under
-    no_grad (not inference_mode: the losses save its outputs for the
-    student's backward pass)."""
+    Its weights never require gradients, it stays in eval mode whatever
+    `.train()` is called on it (so batch-norm statistics and dropout are
+    those of inference), and it runs under no_grad."""
 
     def __init__(self, model):
         super().__init__()
-        self.model = models.fold_batch_norm(model)
+        self.model = model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
 

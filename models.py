@@ -11,11 +11,8 @@ This file knows nothing of data or training. Constructors take
 architecture allows.
 """
 
-import copy
-
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 MODELS = {}  # name -> constructor(num_classes, in_channels, dropout=0.0)
 
@@ -76,50 +73,6 @@ class Classifier(nn.Module):
     def init_from_data(self, images):
         """Data-dependent initialisation from a batch of normalised training
         images, called once before training. Most models need none."""
-
-
-def fold_batch_norm(model):
-    """An inference copy of `model` (in eval mode) in which every batch norm
-    that follows a convolution is folded into it: one convolution with a bias
-    instead of a convolution and a norm, with the same outputs, features
-    included. `model` itself is left as it is.
-
-    The pairs are a convolution then a norm in an nn.Sequential, a
-    convolution, a max-pool and a norm in one (AirNet's order: the max-pool
-    commutes with the norm's per-channel affine map when every channel's scale
-    is positive; a layer with a scale <= 0 keeps its norm), and the pairs that
-    a block names in its `folds` attribute."""
-    model = copy.deepcopy(model).eval()
-    for module in list(model.modules()):
-        for conv_name, norm_name in foldable_pairs(module):
-            conv, norm = getattr(module, conv_name), getattr(module, norm_name)
-            setattr(module, conv_name, fuse_conv_bn_eval(conv, norm))
-            setattr(module, norm_name, nn.Identity())
-    return model
-
-
-def foldable_pairs(module):
-    """(convolution, batch norm) attribute names of `module` that fold_batch_norm may fold."""
-    if not isinstance(module, nn.Sequential):
-        return getattr(module, "folds", ())
-    names, layers = list(module._modules), list(module)
-    pairs = []
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, nn.Conv2d):
-            continue
-        after = layers[i + 1 : i + 3]
-        if after[:1] and isinstance(after[0], nn.BatchNorm2d):
-            pairs.append((names[i], names[i + 1]))
-        elif len(after) == 2 and isinstance(after[0], nn.MaxPool2d) and isinstance(after[1], nn.BatchNorm2d):
-            if (norm_scale(after[1]) > 0).all():
-                pairs.append((names[i], names[i + 2]))
-    return pairs
-
-
-def norm_scale(norm):
-    """The per-channel factor by which a batch norm in eval mode multiplies its input."""
-    weight = torch.ones_like(norm.running_var) if norm.weight is None else norm.weight
-    return weight / torch.sqrt(norm.running_var + norm.eps)
 
 
 def conv_bn_act(in_channels, out_channels, pool=False):
@@ -237,8 +190,6 @@ for _name, _widths in AIRNET_WIDTHS.items():
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (He et al. 2016)."""
 
-    folds = (("conv1", "bn1"), ("conv2", "bn2"))  # for fold_batch_norm
-
     def __init__(self, in_channels, out_channels, stride=1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
@@ -297,8 +248,6 @@ for _depth in (8, 32):
 
 class WideBlock(nn.Module):
     """Pre-activation residual block of wide ResNets (Zagoruyko & Komodakis 2016)."""
-
-    folds = (("conv1", "bn2"),)  # for fold_batch_norm; bn1 comes before its convolution
 
     def __init__(self, in_channels, out_channels, stride):
         super().__init__()
