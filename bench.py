@@ -354,6 +354,12 @@ def print_table(rows, peak):
         )
 
 
+def warn_if_busy():
+    """After the input checks (a refusal stays one line), before measuring."""
+    if busy := report.busy_cpu():
+        print(busy, file=sys.stderr)
+
+
 def main(argv=None):
     cfg = config.parse(argv, __doc__.split("\n\n")[0], names=BENCH_SETTINGS, extra=add_arguments)
     steps = 3 if cfg["quick"] else cfg["steps"]
@@ -363,10 +369,9 @@ def main(argv=None):
         config.fail("workers", "must be >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
-    if busy := report.busy_cpu():
-        print(busy, file=sys.stderr)
     out = output_file(cfg, "latency.json" if cfg["latency"] else "precision.json" if cfg["precision"] else "bench.json")
     if cfg["latency"]:
+        warn_if_busy()
         return latency(cfg, out)
     if cfg["precision"]:
         return precision(cfg, out)
@@ -378,6 +383,7 @@ def main(argv=None):
         config.fail("steps", f"{dataset.source} has {len(dataset.train_y):,} training images, too few for 3 warm-up "
                     f"and {steps} timed batches of {max(cfg['BATCH_SIZE'], 256)}; lower --steps (or --batch-size), "
                     f"or give more data")  # fmt: skip
+    warn_if_busy()
     cpu_data = dataset.train_x[:needed].cpu(), dataset.train_y[:needed].cpu()
     dataset.train_x, dataset.train_y = dataset.train_x[:needed].to(device), dataset.train_y[:needed].to(device)
     autocast, amp_on = runtime.autocast(device, cfg["AMP"])
@@ -533,6 +539,7 @@ def precision(cfg, out):
         seeds = [int(s) for s in cfg["seeds"].split(",")]
     except ValueError:
         config.fail("seeds", f"{cfg['seeds']!r} is not a comma-separated list of integers")
+    warn_if_busy()
     machine = f"{report.device_name(torch.device('cpu'))}, {report.cpu_kind()}"
     print(f"precision: {cfg['DATASET']} from {cfg['DATA_DIR']}, seeds {cfg['seeds']}, train.py {cfg['train_args']}, "
           f"on {machine}; each run's output goes to its train.log")  # fmt: skip
