@@ -405,7 +405,7 @@ def results_text(rows, num_classes, left_out):
     and the lines under it: where the data came from, which stages were kept
     from earlier runs or resumed under other code, which were left out, and
     the warnings of epochs whose validation collapsed."""
-    warnings = "".join(f"{warning}\n" for m in rows.values() for warning in m.get("warnings", []))
+    warnings = "".join(f"{warning}\n" for m in rows.values() for warning in m["warnings"])
     lines = data_sources(rows) + provenance_lines(rows) + left_out_line(left_out) + warnings
     return results_table(rows, num_classes), lines
 

@@ -412,7 +412,7 @@ def brought_teacher(cfg, decided, dataset, device):
     return {"model": cfg["TEACHER"], "params": params, "test_acc": test_acc, "test_top5": test_top5,
             "best_val_acc": None, "best_epoch": None, "epochs": 0, "train_seconds": None, "device": str(device),
             "tta": cfg["TTA"], "method": "brought", "data": str(path), "checkpoint": str(path),
-            **dict.fromkeys(report.CODE), "earlier_code": None}  # fmt: skip
+            **dict.fromkeys(report.CODE), "earlier_code": None, "warnings": []}  # fmt: skip
 
 
 def train_stages(cfg, decided, dataset, device, out_dir):
