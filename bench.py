@@ -45,7 +45,6 @@ and the training speed-up.
 
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -397,7 +396,7 @@ def main(argv=None):
     peak = peak_gflops(device, autocast, torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format)
     print_table(rows, peak)
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": report.device_name(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": cfg["BATCH_SIZE"],
         "steps": steps, "data": dataset.source, "teacher": cfg["TEACHER"], "student": cfg["STUDENT"], "bf16": amp_on,
         "channels_last": cfg["CHANNELS_LAST"], "compile": cfg["COMPILE"], "workers": cfg["workers"],
@@ -540,7 +539,7 @@ def precision(cfg, out):
     except ValueError:
         config.fail("seeds", f"{cfg['seeds']!r} is not a comma-separated list of integers")
     warn_if_busy()
-    machine = f"{report.device_name(torch.device('cpu'))}, {report.cpu_kind()}"
+    machine = report.device_name(torch.device("cpu"))
     print(f"precision: {cfg['DATASET']} from {cfg['DATA_DIR']}, seeds {cfg['seeds']}, train.py {cfg['train_args']}, "
           f"on {machine}; each run's output goes to its train.log")  # fmt: skip
     runs = {"bf16": {}, "off": {}}

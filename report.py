@@ -528,13 +528,14 @@ def git_commit(folder=None):
 
 
 def device_name(device):
+    """The GPU's name, or the CPU's with its core count and kind (which sets bf16's cost)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {all_cores()} cores"
-    return f"{platform.processor() or platform.machine()}, {all_cores()} cores"
+        models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
+        name = models[0].strip() if models else name
+    return f"{name}, {all_cores()} cores, {cpu_kind()}"
 
 
 def busy_cpu():
