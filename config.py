@@ -57,6 +57,9 @@ LSKD_TEMPERATURE = 2.0  # lskd: temperature applied to the standardised logits
 LSKD_WEIGHT = 9.0  # lskd: weight of its distillation term (the paper's 9); CE keeps 1 - ALPHA
 FITNET_WEIGHT = 100.0  # fitnet: weight of the hint regression (MSE) term
 AT_WEIGHT = 100.0  # at: weight of the attention-transfer term (paper recipe: 1000, set for maps of 32x32 to 8x8)
+STUDENT_INIT = "random"  # the distilled student's start: random | teacher (evenly chosen channels and layers of it)
+ROUTE = False  # learn from the teacher's weights kept during its training, early to final, in equal legs (RCO)
+TEACHER_MIRROR = False  # average the teacher's logits over each image and its mirror (a second forward pass)
 
 # runtime
 SEED = 0  # seed of initialisation, data order, augmentation and the validation split
@@ -117,11 +120,12 @@ RECIPES = {
 # resumption, or the run that finds the stage finished): where things are,
 # what runs, and how fast. Every other setting shapes a stage's result; the
 # distillation settings and the teacher shape the distilled stage alone (a
-# teacher file's digest is checked, wherever it comes from).
+# teacher file's digest is checked, wherever it comes from). DISTILLATION_SETTINGS holds names and prefixes.
 RUNTIME_SETTINGS = {"DATA_DIR", "DOWNLOAD", "OUT_DIR", "STAGES", "FRESH", "RESUME", "DEVICE", "AMP", "CHANNELS_LAST",
                     "COMPILE", "THREADS", "DETERMINISTIC", "RECIPE",
                     "TEACHER_CHECKPOINT"}  # fmt: skip
-DISTILLATION_SETTINGS = ("METHOD", "TEMPERATURE", "ALPHA", "DKD_", "LSKD_", "FITNET_", "AT_")  # names and prefixes
+DISTILLATION_SETTINGS = ("METHOD", "TEMPERATURE", "ALPHA", "DKD_", "LSKD_", "FITNET_", "AT_", "STUDENT_INIT",
+                         "ROUTE", "TEACHER_MIRROR")  # fmt: skip
 STAGE_NAMES = ("teacher", "student", "distilled")
 
 # ---------------------------------------------------------------------------
@@ -138,9 +142,9 @@ from pathlib import Path  # noqa: E402
 PER_STAGE = {"EPOCHS", "LR"}  # one number sets the teacher, student and distilled stages alike
 KINDS = {  # constant -> the type the code sees; (type,) for a tuple of them, comma-separated on the command line
     **dict.fromkeys(("DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "TEACHER_CHECKPOINT", "STAGES", "METHOD",
-                     "RECIPE", "OPTIMIZER", "LR_SCHEDULE", "DEVICE", "AMP"), str),
+                     "RECIPE", "OPTIMIZER", "LR_SCHEDULE", "DEVICE", "AMP", "STUDENT_INIT"), str),
     **dict.fromkeys(("DOWNLOAD", "FRESH", "RESUME", "LOOKAHEAD", "FLIP", "ALTERNATE_FLIP", "TTA", "DETERMINISTIC",
-                     "CHANNELS_LAST", "COMPILE"), bool),
+                     "CHANNELS_LAST", "COMPILE", "ROUTE", "TEACHER_MIRROR"), bool),
     **dict.fromkeys(("IMAGE_SIZE", "VAL_SIZE", "BATCH_SIZE", "CROP_PADDING", "SEED", "THREADS"), int),
     **dict.fromkeys(("WEIGHT_DECAY", "WARMUP", "LABEL_SMOOTHING", "MOMENTUM", "BIAS_LR_SCALE", "DROPOUT", "TEMPERATURE",
                      "ALPHA", "DKD_ALPHA", "DKD_BETA", "DKD_WARMUP", "LSKD_TEMPERATURE", "LSKD_WEIGHT", "FITNET_WEIGHT",
@@ -214,6 +218,7 @@ RULES = {  # constant -> check(value) returning an error or None
     "RECIPE": lambda v: None if v in RECIPES else f"must be one of {', '.join(RECIPES)}",
     "DEVICE": lambda v: None if v in ("auto", "cpu", "cuda") else "must be one of auto, cpu, cuda",
     "AMP": lambda v: None if v in ("auto", "bf16", "off") else "must be one of auto, bf16, off",
+    "STUDENT_INIT": lambda v: None if v in ("random", "teacher") else "must be one of random, teacher",
     "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8", "STAGES": _stages,
     "EPOCHS": _holds("EPOCHS", lambda v: len(v) == 3 and all(e > 0 for e in v)),
     "LR": _holds("LR", lambda v: len(v) == 3 and not any(map(POSITIVE, v))),

@@ -14,6 +14,8 @@ returns the student's loss from the two networks' outputs:
 `models.Classifier.forward_features` (logits, stage features, pooled feature).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,22 +38,51 @@ class FrozenTeacher(nn.Module):
 
     Its weights never require gradients, it stays in eval mode whatever
     `.train()` is called on it (so batch-norm statistics and dropout are
-    those of inference), and it runs under no_grad."""
+    those of inference), and it runs under no_grad.
 
-    def __init__(self, model):
+    `route`, the teacher's weights kept during its training (early to late),
+    makes it teach route-constrained (Jin et al., ICCV 2019, "Knowledge
+    distillation via route constrained optimization"): the student's training
+    is cut into equal legs, one per set of weights and the final ones last,
+    and each leg learns from the next set, so that the student follows the
+    path the teacher took rather than aiming at its end from the start.
+    `mirror` averages the teacher's logits over each image and its mirror, an
+    ensemble of two views at the cost of a second forward pass."""
+
+    def __init__(self, model, route=(), mirror=False):
         super().__init__()
         self.model = model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+        final = [{k: v.detach().clone() for k, v in model.state_dict().items()}] if route else []
+        self.route = [*route, *final]
+        self.leg = len(self.route) - 1  # the set of weights the network holds now
+        self.mirror = mirror
 
     def train(self, mode=True):
         super().train(False)
         return self
 
+    def set_progress(self, progress):
+        """Load the weights of the leg that ends at `progress` (the fraction of training done at the end of the
+        current epoch), when it changes."""
+        if not self.route:
+            return
+        legs = len(self.route)
+        leg = min(legs - 1, max(0, math.ceil(round(progress * legs, 6)) - 1))
+        if leg != self.leg:
+            self.model.load_state_dict(self.route[leg])
+            self.leg = leg
+
     @torch.no_grad()
     def forward(self, images):
-        """The teacher's outputs: the dict of models.Classifier.forward_features."""
-        return self.model.forward_features(images)
+        """The teacher's outputs: the dict of models.Classifier.forward_features
+        (with mirror, the logits of the two views averaged)."""
+        if not self.mirror:
+            return self.model.forward_features(images)
+        out, n = self.model.forward_features(torch.cat([images, images.flip(3)])), len(images)
+        return {"stages": [s[:n] for s in out["stages"]], "pooled": out["pooled"][:n],
+                "logits": (out["logits"][:n] + out["logits"][n:]) / 2}  # fmt: skip
 
 
 def kd_loss(student_logits, teacher_logits, temperature):
@@ -271,6 +302,7 @@ class Distillation(nn.Module):
 
     def set_progress(self, progress):
         self.method.set_progress(progress)
+        self.teacher.set_progress(progress)
 
     def forward(self, images, labels):
         teacher_out = self.teacher(images)
@@ -284,10 +316,13 @@ def build_method(name, config, student, teacher, sample=None):
     return METHODS[name](config, student, teacher, sample)
 
 
-def build_objective(cfg, model_name, dataset, device, teacher=None):
+def build_objective(cfg, model_name, dataset, device, teacher=None, route=()):
     """The objective of one stage, on `device`: a fresh `model_name` network
     (seeded with SEED and initialised from the training images), trained with
-    cross-entropy, or against `teacher` with cfg's METHOD. `dataset` (a
+    cross-entropy, or against `teacher` with cfg's METHOD. A distilled student
+    may start from the teacher's weights (STUDENT_INIT), and the teacher may
+    follow `route`, the weights kept during its training (ROUTE), and see
+    each image mirrored too (TEACHER_MIRROR); see FrozenTeacher. `dataset` (a
     data.Data) normalises its own images, so this module needs no data code."""
     torch.manual_seed(cfg["SEED"])
     memory_format = torch.channels_last if cfg["CHANNELS_LAST"] else torch.contiguous_format
@@ -297,6 +332,9 @@ def build_objective(cfg, model_name, dataset, device, teacher=None):
     if teacher is None:
         return Supervised(model, cfg["LABEL_SMOOTHING"])
     teacher = teacher.to(device, memory_format=memory_format)
+    if cfg["STUDENT_INIT"] == "teacher":
+        model.load_state_dict(models.select_weights(model.state_dict(), teacher.state_dict()))
     sample = dataset.normalize(dataset.train_x[:8], cfg["CHANNELS_LAST"])
     method = build_method(cfg["METHOD"], cfg, model, teacher, sample)
-    return Distillation(model, teacher, method).to(device, memory_format=memory_format)
+    frozen = FrozenTeacher(teacher, route if cfg["ROUTE"] else (), cfg["TEACHER_MIRROR"])
+    return Distillation(model, frozen, method).to(device, memory_format=memory_format)

@@ -491,6 +491,35 @@ register("shufflenetv2")(
 )
 
 
+def evenly_spaced(size, larger):
+    """`size` indices of `larger`, evenly spread from 0; the same two sizes always give the same indices."""
+    return torch.arange(size) * larger // size
+
+
+def select_weights(student_state, teacher_state):
+    """Weight selection (Xu et al., ICLR 2024, "Initializing models with larger
+    ones"): each of the student's tensors takes the teacher's tensor of the
+    same name, at evenly spaced indices along every dimension. As the same
+    sizes always pick the same indices, the channels a layer keeps as outputs
+    are those the next layer keeps as inputs, so a student as wide as the
+    teacher starts as the teacher itself. A shallower student of the same
+    family (resnet8x4 of resnet32x4) takes the first blocks of each stage,
+    which bear the same names. Returns the student's new state dict; raises
+    ValueError naming the first tensor that has no counterpart."""
+    selected = {}
+    for name, tensor in student_state.items():
+        source = teacher_state.get(name)
+        if source is None:
+            raise ValueError(f"the teacher has no tensor {name}")
+        if source.dim() != tensor.dim() or any(s > t for s, t in zip(tensor.shape, source.shape)):
+            shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
+            raise ValueError(f"{name} is {shape(tensor)} in the student, larger than the teacher's {shape(source)}")
+        for dim, (size, larger) in enumerate(zip(tensor.shape, source.shape)):
+            source = source.index_select(dim, evenly_spaced(size, larger).to(source.device))
+        selected[name] = source.to(tensor.dtype)
+    return selected
+
+
 def probabilities(model, images, tta=False):
     """Softmax of the model's logits, in float32; with tta, averaged with the
     softmax of the mirrored images (test-time flip)."""

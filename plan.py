@@ -27,6 +27,7 @@ import torch
 import checkpoint
 import config
 import datafiles
+import models
 import pretrained
 import runtime
 
@@ -75,6 +76,7 @@ class Plan:
     heading: str = ""
     rows: dict = field(default_factory=dict)  # stage -> Row
     teacher: tuple = (None, None)  # the network the distilled stage learns from, and its file's digest
+    route: list = field(default_factory=list)  # the teacher's weights kept during its training (ROUTE)
     brought: str = ""  # what the --teacher-checkpoint file held, in a few words
 
     def training(self):
@@ -177,12 +179,12 @@ def make(cfg, dataset, device, out_dir, argv=(), program="train.py", torchrun=Fa
     refuse_stale(cfg, out_dir, requested, stale)
     reasons = why_trained(cfg, out_dir, requested, stale)
     if brought:
-        model, digest, decided.brought = brought_teacher(cfg, dataset)
+        model, digest, decided.brought, decided.route = brought_teacher(cfg, dataset)
         decided.teacher = (model, digest)
         decided.rows["teacher"] = Row("teacher", "keep", f"{brought} ({decided.brought}), brought with "
                                       "--teacher-checkpoint", f"{cfg['TEACHER']}, not trained by this run")  # fmt: skip
     elif "teacher" in finished and "distilled" in requested and "distilled" not in finished:
-        decided.teacher = saved_teacher(out_dir, finished["teacher"])  # checked now, not after the other stages
+        decided.teacher, decided.route = saved_teacher(out_dir, finished["teacher"])  # checked now, not later
     digest = checkpoint.file_digest(brought or out_dir / "teacher.pt") if brought or "teacher" in finished else None
     for stage in STAGES:
         if stage in decided.rows:
@@ -190,6 +192,9 @@ def make(cfg, dataset, device, out_dir, argv=(), program="train.py", torchrun=Fa
         if stage in requested and stage not in finished:
             teacher_digest = digest if stage == "distilled" else None
             decided.rows[stage] = trained_row(decided, stage, cfg, device, out_dir, teacher_digest, reasons[stage])
+            if stage == "distilled" and cfg["ROUTE"] and decided.teacher[0] is not None and not decided.route:
+                decided.rows[stage].reason += ("; the teacher kept no weights from its training, so it teaches with "
+                                               "its final weights alone (--route has no effect)")  # fmt: skip
         else:
             decided.rows[stage] = kept_row(stage, cfg, out_dir, stage in requested, finished.get(stage),
                                            stale.get(stage))  # fmt: skip
@@ -204,6 +209,15 @@ def refuse_settings(cfg, dataset):
     brought = cfg["TEACHER_CHECKPOINT"]
     if brought and not Path(brought).is_file():
         config.fail("teacher-checkpoint", f"{brought}: no such file; give the path of a teacher checkpoint")
+    if cfg["STUDENT_INIT"] == "teacher" and "distilled" in cfg["STAGES"].split(","):
+        student, teacher = (models.build(cfg[name], len(dataset.classes), dataset.in_channels)
+                            for name in ("STUDENT", "TEACHER"))  # fmt: skip
+        try:
+            models.select_weights(student.state_dict(), teacher.state_dict())
+        except ValueError as error:
+            config.fail("student-init", f"{cfg['STUDENT']} cannot start from {cfg['TEACHER']}'s weights ({error}); "
+                        f"it takes a narrower or shallower student of the teacher's family (airnet_xs of airnet_m, "
+                        f"resnet8x4 of resnet32x4, wrn_16_2 of wrn_40_2), or pass --student-init random")  # fmt: skip
 
 
 def why_trained(cfg, out_dir, requested, stale):
@@ -237,6 +251,9 @@ def settings(cfg, stage):
     text += f"lr {cfg['LR'][index]:g}"
     if stage == "distilled":
         text += f", method {cfg['METHOD']}, temperature {cfg['TEMPERATURE']:g}, alpha {cfg['ALPHA']:g}"
+        chosen = [("student from the teacher", cfg["STUDENT_INIT"] == "teacher"), ("route", cfg["ROUTE"]),
+                  ("mirrored teacher", cfg["TEACHER_MIRROR"])]  # fmt: skip
+        text += "".join(f", {words}" for words, on in chosen if on)
     return text
 
 
@@ -355,21 +372,29 @@ def load_unfinished(decided, path, stage, cfg, device, teacher_digest=None):
 
 
 def saved_teacher(out_dir, saved):
-    """The network of the teacher saved in out_dir, and the digest of its file."""
+    """The network of the teacher saved in out_dir and the digest of its file,
+    and the weights it kept during its training."""
     path = out_dir / "teacher.pt"
     try:
-        return checkpoint.build_model(saved), checkpoint.file_digest(path)
+        return (checkpoint.build_model(saved), checkpoint.file_digest(path)), route(saved)
     except ValueError as error:
         raise TrainingError(f"{path}: {error}; pass --fresh to retrain the teacher") from None
 
 
 def brought_teacher(cfg, dataset):
-    """The network of --teacher-checkpoint, its file's digest and what the
-    file held, or a one-line refusal of a file that is not a teacher
-    checkpoint or whose weights do not fit --teacher."""
+    """The network of --teacher-checkpoint, its file's digest, what the file
+    held and the weights it kept during its training (a teacher.pt of this
+    repo), or a one-line refusal of a file that is not a teacher checkpoint or
+    whose weights do not fit --teacher."""
     path = cfg["TEACHER_CHECKPOINT"]
     try:
-        model, kind = pretrained.load_teacher(path, cfg["TEACHER"], dataset.classes, dataset.in_channels)
+        model, kind, content = pretrained.load_teacher(path, cfg["TEACHER"], dataset.classes, dataset.in_channels)
     except ValueError as error:
         raise TrainingError(f"argument --teacher-checkpoint: {path}: {error}", exit_code=2) from None
-    return model, checkpoint.file_digest(path), kind
+    return model, checkpoint.file_digest(path), kind, route(content)
+
+
+def route(saved):
+    """The weights a teacher checkpoint kept during its training, early to late (none in other files)."""
+    anchors = saved.get("anchors", []) if isinstance(saved, dict) else []
+    return [anchor["state"] for anchor in anchors]

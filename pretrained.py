@@ -144,7 +144,7 @@ def fit_problem(model, state):
 
 def load_teacher(path, name, classes, in_channels):
     """The teacher network in `path`, for --teacher `name`, in eval mode on the
-    CPU, and a few words on what the file held.
+    CPU, a few words on what the file held, and the file's content.
 
     Raises ValueError with a one-line reason when the file is not a teacher
     file or its weights do not fit `name` for these classes."""
@@ -191,4 +191,4 @@ def load_teacher(path, name, classes, in_channels):
         )
         raise ValueError(f"its weights do not fit {name} with {len(classes)} classes: {problem}{fix}")
     model.load_state_dict(state)
-    return model.eval(), kind
+    return model.eval(), kind, content

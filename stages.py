@@ -9,6 +9,7 @@ part-way). Both give their state as plain dicts, which checkpoint.py writes
 to <stage>.last.pt, and Stage.finished makes the content of <stage>.pt.
 """
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,10 +109,11 @@ class Stage:
             self.lookahead.load_state_dict(state["lookahead"])
         checkpoint.restore_rng_states(state["rng"], self.generator)
 
-    def finished(self, state_dict, metrics):
+    def finished(self, state_dict, metrics, anchors=()):
         """The content of <stage>.pt: the weights and what it takes to use them
-        (predict.py and export.py read it), the settings, the metrics and, for
-        the distilled stage, the digest of the teacher file it learnt from."""
+        (predict.py and export.py read it), the settings, the metrics, for the
+        teacher its `anchors` (see anchor_epochs) and, for the distilled stage,
+        the digest of the teacher file it learnt from."""
         cfg, dataset = self.cfg, self.dataset
         return {
             "stage": self.name,
@@ -128,15 +130,26 @@ class Stage:
             "config": checkpoint.json_safe(cfg),
             "metrics": metrics,
             "teacher_digest": self.teacher_digest,
+            **({"anchors": list(anchors)} if self.name == "teacher" else {}),
         }
 
 
-def build(name, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None):
-    """Stage `name`, freshly built: a new network (seeded with SEED), its objective, optimizer and generator."""
+ANCHORS = 3  # weights the teacher keeps during its training, for route-constrained distillation (ROUTE)
+
+
+def anchor_epochs(epochs):
+    """The epochs of a teacher's training at whose end it keeps its weights:
+    ANCHORS evenly spaced ones before the last (fewer in a short training)."""
+    return sorted({math.ceil(k * epochs / (ANCHORS + 1)) for k in range(1, ANCHORS + 1)} - {epochs})
+
+
+def build(name, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None, route=()):
+    """Stage `name`, freshly built: a new network (seeded with SEED), its objective, optimizer and generator;
+    a distilled stage learns from `teacher`, along `route` (see distill.FrozenTeacher)."""
     index = config.STAGE_NAMES.index(name)
     epochs, steps = cfg["EPOCHS"][index], data.steps_per_epoch(dataset, cfg["BATCH_SIZE"])
     model_name = cfg["TEACHER"] if name == "teacher" else cfg["STUDENT"]
-    objective = distill.build_objective(cfg, model_name, dataset, device, teacher)
+    objective = distill.build_objective(cfg, model_name, dataset, device, teacher, route)
     optimizer, scheduler, lookahead = optim.build(objective, cfg, cfg["LR"][index], epochs * steps)
     forward = torch.nn.parallel.DistributedDataParallel(objective) if ddp else objective
     autocast, amp_on = runtime.autocast(device, cfg["AMP"])
@@ -194,6 +207,7 @@ class Progress:
     best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0, "state": None})
     elapsed: float = 0.0  # seconds trained before this run started
     sums: EpochSums | None = None  # of a stage stopped mid-epoch
+    anchors: list = field(default_factory=list)  # the teacher's weights at ANCHORS epochs: {"epoch", "state"}
     started: float = field(default_factory=time.perf_counter)
 
     def seconds(self):
@@ -208,12 +222,14 @@ class Progress:
             "best": self.best,
             "elapsed": self.seconds(),
             "sums": None if self.sums is None else vars(self.sums),
+            "anchors": self.anchors,
         }
 
     @classmethod
     def from_state(cls, state):
         sums = None if state["sums"] is None else EpochSums(**state["sums"])
-        return cls(state["epoch"], state["step"], state["log"], state["best"], state["elapsed"], sums)
+        return cls(state["epoch"], state["step"], state["log"], state["best"], state["elapsed"], sums,
+                   state.get("anchors", []))  # fmt: skip
 
 
 def collapse_warning(stage, epoch, train_acc, val_acc, num_classes, amp_on):

@@ -133,11 +133,11 @@ def save_progress(stage, progress):
         checkpoint.save_progress(stage.path(".last.pt"), {**stage.state_dict(), "progress": progress.state_dict()})
 
 
-def train_stage(row, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None):
+def train_stage(row, cfg, dataset, device, out_dir, teacher=None, teacher_digest=None, route=()):
     """Train one network (teacher, student, or distilled student) as its row
     of the plan says, from the start or from its saved progress, and save it.
     Returns the stage's metrics on the master process, None on the others."""
-    stage = stages.build(row.stage, cfg, dataset, device, out_dir, teacher, teacher_digest)
+    stage = stages.build(row.stage, cfg, dataset, device, out_dir, teacher, teacher_digest, route)
     progress = stages.Progress() if row.progress is None else restore(stage, row.progress)
     print(
         f"\n== {row.stage}: {stage.model_name} ({models.count_params(stage.model):,} params) on {device}"
@@ -292,9 +292,11 @@ def end_epoch(stage, progress, sums, bar):
     progress.log.append(record)
     if master_process:
         checkpoint.write_text(stage.path(".last.jsonl"), log_text(progress.log))
+    state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()} if master_process else None
     if master_process and (val_acc is None or val_acc > progress.best["acc"]):  # no validation split: the last epoch
-        state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()}
         progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state}
+    if master_process and stage.name == "teacher" and progress.epoch in stages.anchor_epochs(stage.epochs):
+        progress.anchors.append({"epoch": progress.epoch, "state": state})
     bar.write(
         f"{stage.name} epoch {progress.epoch:3d}/{stage.epochs}  loss {train_loss:.4f}  train "
         f"{record['train_acc']:.2%}  val {percent(val_acc)}  lr {record['lr']:.2e} (last step)  "
@@ -332,7 +334,8 @@ def finish_stage(stage, progress):
         "earlier_code": report.earlier_code(progress.log, THIS_CODE),
         "warnings": [record["warning"] for record in progress.log if "warning" in record],
     }
-    checkpoint.save(stage.path(), stage.finished(progress.best["state"], metrics))
+    anchors = [anchor for anchor in progress.anchors if anchor["epoch"] < progress.best["epoch"]]  # before the best
+    checkpoint.save(stage.path(), stage.finished(progress.best["state"], metrics, anchors))
     checkpoint.write_text(stage.path(".jsonl"), log_text(progress.log))  # the log of the stage as saved
     stage.path(".last.jsonl").unlink(missing_ok=True)
     stage.path(".last.pt").unlink(missing_ok=True)
@@ -424,13 +427,13 @@ def train_stages(cfg, decided, dataset, device, out_dir):
     for row in decided.training():
         teacher, digest = decided.teacher if row.stage == "distilled" else (None, None)
         try:
-            results[row.stage] = train_stage(row, cfg, dataset, device, out_dir, teacher, digest)
+            results[row.stage] = train_stage(row, cfg, dataset, device, out_dir, teacher, digest, decided.route)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"{row.stage}: out of GPU memory with --batch-size {cfg['BATCH_SIZE']}; try a smaller --batch-size"
             ) from None
         if row.stage == "teacher":  # distil from the teacher as saved (in a torchrun job, every process reads it)
-            decided.teacher = plan.saved_teacher(out_dir, checkpoint.load(out_dir / "teacher.pt"))
+            decided.teacher, decided.route = plan.saved_teacher(out_dir, checkpoint.load(out_dir / "teacher.pt"))
         if master_process:
             report.draw_curves(out_dir, [s for s in STAGES if s in results])
     return results

@@ -200,3 +200,27 @@ def test_fitnet_loss_matches_a_direct_computation():
     expected = F.cross_entropy(s_out["logits"], labels) + 100.0 * ((normalised - target) ** 2).mean()
     got = method.loss(s_out, t_out, labels)
     assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_a_routed_teacher_teaches_each_leg_with_the_next_weights_then_its_final_ones():
+    final, early, middle = tiny(0), tiny(1), tiny(2)
+    heads = [m.state_dict()["head.0.weight"].clone() for m in (early, middle, final)]
+    frozen = distill.FrozenTeacher(final, route=[early.state_dict(), middle.state_dict()])
+    legs = []
+    for epoch in range(1, 7):  # 6 epochs, 3 legs of 2 epochs: early, middle, final
+        frozen.set_progress(epoch / 6)
+        legs.append([torch.equal(frozen.model.state_dict()["head.0.weight"], h) for h in heads].index(True))
+    assert legs == [0, 0, 1, 1, 2, 2]
+    images = torch.randn(2, 3, 16, 16)
+    assert torch.equal(frozen(images)["logits"], tiny(0).eval()(images))
+    assert distill.FrozenTeacher(tiny(0)).route == []  # no route: nothing kept, nothing loaded
+
+
+def test_a_mirrored_teacher_averages_the_logits_of_each_image_and_its_mirror():
+    model, images = tiny(0).eval(), torch.randn(3, 3, 16, 16)
+    out = distill.FrozenTeacher(model, mirror=True)(images)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(3))) / 2
+        plain = model.forward_features(images)
+    assert torch.allclose(out["logits"], expected, atol=1e-6)
+    assert torch.equal(out["pooled"], plain["pooled"]) and len(out["stages"]) == len(plain["stages"])

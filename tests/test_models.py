@@ -82,3 +82,48 @@ def test_whitening_of_grey_images_stored_as_rgb_is_the_same_in_bf16_and_float32(
     assert int(silent.sum()) == 16  # 8 directions, both signs
     assert torch.equal(rounded[:, silent], torch.zeros_like(rounded[:, silent]))
     assert (rounded - full).abs().max() < 0.05  # the other channels differ by rounding alone
+
+
+def randomised(model, seed):
+    """`model` with every parameter and batch-norm statistic random, so that a copy of the wrong entry shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and tensor.dim() > 0:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["airnet_m", "resnet8x4", "wrn_16_2"])
+def test_a_student_of_the_teachers_shape_starts_with_the_teachers_outputs(name):
+    teacher, student = randomised(models.build(name, 10), 0), randomised(models.build(name, 10), 1)
+    student.load_state_dict(models.select_weights(student.state_dict(), teacher.state_dict()))
+    images = torch.randn(4, 3, 32, 32)
+    assert torch.equal(student(images), teacher(images))
+
+
+def test_weight_selection_takes_evenly_spaced_channels_and_the_first_blocks():
+    assert models.evenly_spaced(16, 32).tolist() == list(range(0, 32, 2))
+    assert models.evenly_spaced(40, 128).tolist()[:6] == [0, 3, 6, 9, 12, 16]
+    teacher, student = randomised(models.build("airnet_m", 10), 0), models.build("airnet_xs", 10)
+    state = models.select_weights(student.state_dict(), teacher.state_dict())
+    conv = teacher.state_dict()["stages.1.0.0.weight"]  # 128 x 32 x 3 x 3; the student's is 32 x 16 x 3 x 3
+    assert torch.equal(state["stages.1.0.0.weight"], conv[0::4][:, 0::2])
+    head = teacher.state_dict()["head.0.weight"]  # 10 x 128; the student's is 10 x 40
+    assert torch.equal(state["head.0.weight"], head[:, models.evenly_spaced(40, 128)])
+    deep, shallow = randomised(models.build("wrn_40_2", 10), 0), models.build("wrn_16_2", 10)
+    state = models.select_weights(shallow.state_dict(), deep.state_dict())
+    assert torch.equal(state["stages.1.1.conv2.weight"], deep.state_dict()["stages.1.1.conv2.weight"])
+
+
+@pytest.mark.parametrize(
+    "student, teacher, problem",
+    [
+        ("airnet_xs", "resnet32x4", "the teacher has no tensor"),
+        ("airnet_m", "airnet_xs", "larger than the teacher's"),
+        ("resnet32x4", "resnet8x4", "the teacher has no tensor stages.0.1"),
+    ],
+)
+def test_weight_selection_refuses_a_pair_it_cannot_map(student, teacher, problem):
+    with pytest.raises(ValueError, match=problem):
+        models.select_weights(models.build(student, 10).state_dict(), models.build(teacher, 10).state_dict())

@@ -221,6 +221,31 @@ def test_a_brought_teacher_is_kept_and_one_that_does_not_fit_is_refused(tmp_path
     )
 
 
+def test_the_teachers_route_reaches_the_distilled_stage_and_a_teacher_without_one_says_so(tmp_path, capsys):
+    cfg = settings()
+    early = models.build("airnet_xs", 2, 3).state_dict()
+    save_finished(tmp_path, "teacher", cfg, anchors=[{"epoch": 1, "state": early}])
+    decided = make(tmp_path, "--stages", "distilled", "--route")
+    assert [state.keys() for state in decided.route] == [early.keys()]
+    assert decided.rows["distilled"].reason == "in --stages"
+    assert decided.rows["distilled"].settings.endswith(", route")
+    path = tmp_path / "weights.pt"
+    torch.save(early, path)
+    decided = make(tmp_path / "out", "--teacher-checkpoint", str(path), "--stages", "distilled", "--route")
+    assert decided.route == [] and decided.rows["distilled"].reason == (
+        "in --stages; the teacher kept no weights from its training, so it teaches with its final weights alone "
+        "(--route has no effect)"
+    )
+    assert one_line_exit(capsys, make, tmp_path / "out", "--student-init", "teacher", "--teacher", "resnet8") == (
+        "argument --student-init: airnet_xs cannot start from resnet8's weights (the teacher has no tensor "
+        "whiten.weight); it takes a narrower or shallower student of the teacher's family (airnet_xs of airnet_m, "
+        "resnet8x4 of resnet32x4, wrn_16_2 of wrn_40_2), or pass --student-init random"
+    )
+    assert make(tmp_path / "out", "--student-init", "teacher", "--teacher", "airnet_m").rows["distilled"].settings == (
+        "airnet_xs, 1 epoch, lr 0.008, method kd, temperature 2, alpha 0.5, student from the teacher"
+    )
+
+
 def test_settings_that_the_folders_or_the_data_refuse_stop_in_one_line(tmp_path, capsys):
     assert plan.out_folder(settings("--out-dir", str(tmp_path)), 2) == tmp_path / "cifar10"
     assert one_line_exit(capsys, plan.out_folder, settings("--batch-size", "15"), 2) == (

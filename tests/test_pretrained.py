@@ -87,7 +87,7 @@ def as_theirs(name, num_classes=10, ours=None):
 def test_repdistiller_names_map_onto_ours_one_to_one(name, tmp_path):
     state = as_theirs(name)
     torch.save({"model": state, "epoch": 240, "best_acc": torch.tensor(73.1)}, tmp_path / "ckpt.pth")
-    model, kind = pretrained.load_teacher(tmp_path / "ckpt.pth", name, CLASSES, 3)
+    model, kind, _ = pretrained.load_teacher(tmp_path / "ckpt.pth", name, CLASSES, 3)
     assert "RepDistiller" in kind and not model.training
     renamed = {pretrained.FOREIGN_NAMES[type(model)](k): v for k, v in state.items()}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in renamed.items())
@@ -98,7 +98,7 @@ def test_bare_state_dicts_load_with_our_names_or_theirs_and_a_dataparallel_prefi
     torch.save(ours, tmp_path / "ours.pt")
     torch.save({f"module.{k}": v for k, v in as_theirs("wrn_16_1", ours=ours).items()}, tmp_path / "theirs.pt")
     for file in ("ours.pt", "theirs.pt"):
-        model, _ = pretrained.load_teacher(tmp_path / file, "wrn_16_1", CLASSES, 3)
+        model, _, _ = pretrained.load_teacher(tmp_path / file, "wrn_16_1", CLASSES, 3)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ours.items())
 
 
@@ -117,7 +117,7 @@ def test_this_repos_checkpoint_loads_and_must_name_the_teacher_and_classes(tmp_p
         "state_dict": model.state_dict(),
     }
     torch.save(saved, tmp_path / "teacher.pt")
-    _, kind = pretrained.load_teacher(tmp_path / "teacher.pt", "resnet8", CLASSES, 3)
+    _, kind, _ = pretrained.load_teacher(tmp_path / "teacher.pt", "resnet8", CLASSES, 3)
     assert "teacher checkpoint of this repo" in kind
     with pytest.raises(ValueError, match="holds a resnet8, not the --teacher resnet14; pass --teacher resnet8"):
         pretrained.load_teacher(tmp_path / "teacher.pt", "resnet14", CLASSES, 3)

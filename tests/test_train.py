@@ -13,6 +13,7 @@ import datafiles
 import distill
 import models
 import optim
+import stages
 from conftest import (
     FAST,
     assert_one_line_error,
@@ -227,6 +228,23 @@ def test_every_method_trains_through_train_py(method_setup, method):
     initial = models.build("airnet_xs", 10, 3).state_dict()
     assert set(saved["state_dict"]) == set(initial)
     assert not torch.equal(saved["state_dict"]["head.0.weight"], initial["head.0.weight"])
+
+
+@pytest.mark.slow
+def test_the_teacher_keeps_its_route_and_a_student_distils_along_it_from_the_teachers_weights(method_setup):
+    teacher = checkpoint.load(method_setup / "teacher" / "cifar10" / "teacher.pt")
+    best = teacher["metrics"]["best_epoch"]
+    assert [anchor["epoch"] for anchor in teacher["anchors"]] == [e for e in stages.anchor_epochs(3) if e < best]
+    assert stages.anchor_epochs(3) == [1, 2] and stages.anchor_epochs(12) == [3, 6, 9]
+    out = method_setup / "route"
+    (out / "cifar10").mkdir(parents=True)
+    shutil.copy(method_setup / "teacher" / "cifar10" / "teacher.pt", out / "cifar10" / "teacher.pt")
+    flags = ["--stages", "distilled", "--epochs", "3,2,2", "--route", "--student-init", "teacher", "--teacher-mirror"]
+    result = run_script("train.py", "--data-dir", method_setup / "data", "--out-dir", out, *FAST, *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "method kd, temperature 2, alpha 0.5, student from the teacher, route, mirrored teacher]" in result.stdout
+    log = [json.loads(line) for line in (out / "cifar10" / "distilled.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log), log
 
 
 @pytest.mark.slow
