@@ -127,6 +127,9 @@ RUNTIME_SETTINGS = {"DATA_DIR", "DOWNLOAD", "OUT_DIR", "STAGES", "FRESH", "RESUM
 DISTILLATION_SETTINGS = ("METHOD", "TEMPERATURE", "ALPHA", "DKD_", "LSKD_", "FITNET_", "AT_", "STUDENT_INIT",
                          "ROUTE", "TEACHER_MIRROR")  # fmt: skip
 STAGE_NAMES = ("teacher", "student", "distilled")
+# Settings added after files of the current checkpoint format were first written: a file without one was made as
+# this value makes it, so that it is not taken for a stage of other settings.
+ADDED_SETTINGS = {"STUDENT_INIT": "random", "ROUTE": False, "TEACHER_MIRROR": False}
 
 # ---------------------------------------------------------------------------
 # Everything below turns the constants above into a validated command line.
@@ -176,7 +179,7 @@ def shaping(cfg, stage):
 
 def differences(was, now, stage):
     """The settings that shape `stage` and differ between two configs, as 'flag: then -> now'."""
-    was, now = shaping(was, stage), shaping(now, stage)
+    was, now = shaping({**ADDED_SETTINGS, **was}, stage), shaping(now, stage)
     return [f"--{flag(k)} {_shown(was.get(k))} then, {_shown(now[k])} now" for k in now if was.get(k) != now[k]]
 
 
@@ -411,5 +414,5 @@ def _settings(values, written, given, prog):
     return cfg
 
 
-_NOT_KNOBS = {"RECIPES", "RUNTIME_SETTINGS", "DISTILLATION_SETTINGS", "STAGE_NAMES", "PER_STAGE", "KINDS",
-              "KIND_WORDS", "SHAPES", "POSITIVE", "NON_NEGATIVE", "RULES"}  # fmt: skip
+_NOT_KNOBS = {"RECIPES", "RUNTIME_SETTINGS", "DISTILLATION_SETTINGS", "ADDED_SETTINGS", "STAGE_NAMES", "PER_STAGE",
+              "KINDS", "KIND_WORDS", "SHAPES", "POSITIVE", "NON_NEGATIVE", "RULES"}  # fmt: skip

@@ -54,7 +54,7 @@ class FrozenTeacher(nn.Module):
         self.model = model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        final = [{k: v.detach().clone() for k, v in model.state_dict().items()}] if route else []
+        final = [{k: v.detach().cpu().clone() for k, v in model.state_dict().items()}] if route else []
         self.route = [*route, *final]
         self.leg = len(self.route) - 1  # the set of weights the network holds now
         self.mirror = mirror
@@ -64,8 +64,9 @@ class FrozenTeacher(nn.Module):
         return self
 
     def set_progress(self, progress):
-        """Load the weights of the leg that ends at `progress` (the fraction of training done at the end of the
-        current epoch), when it changes."""
+        """Load the weights of the leg in which `progress` falls (the fraction of training done at the end of the
+        current epoch; a boundary counts toward the earlier leg), when it changes. With fewer epochs than legs, the
+        earliest legs are skipped, and the final weights always teach the last epoch."""
         if not self.route:
             return
         legs = len(self.route)
@@ -105,6 +106,8 @@ class Method(nn.Module):
     (1/epochs in the first, 1 in the last), is set each epoch, for methods that
     warm up. It is a 0-d tensor, not a float, so that torch.compile does not
     recompile the loss when it changes."""
+
+    uses_logits = True  # it learns from the teacher's logits (False: from its features alone)
 
     def __init__(self, config, student, teacher, sample=None):
         super().__init__()
@@ -222,6 +225,8 @@ class FitNet(Method):
     stage of the teacher. loss = CE + FITNET_WEIGHT * MSE. The adapter trains
     with the student and is not part of the student's checkpoint."""
 
+    uses_logits = False
+
     def __init__(self, config, student, teacher, sample=None):
         super().__init__(config, student, teacher, sample)
         self.weight = config["FITNET_WEIGHT"]
@@ -254,6 +259,8 @@ class AT(Method):
     spatial attention maps match the teacher's at every pair of stages (the
     last k stages of each, k the smaller stage count; maps pooled to the smaller
     size). loss = CE + AT_WEIGHT * sum of mean squared differences."""
+
+    uses_logits = False
 
     def __init__(self, config, student, teacher, sample=None):
         super().__init__(config, student, teacher, sample)
@@ -332,8 +339,9 @@ def build_objective(cfg, model_name, dataset, device, teacher=None, route=()):
     if teacher is None:
         return Supervised(model, cfg["LABEL_SMOOTHING"])
     teacher = teacher.to(device, memory_format=memory_format)
-    if cfg["STUDENT_INIT"] == "teacher":
-        model.load_state_dict(models.select_weights(model.state_dict(), teacher.state_dict()))
+    if cfg["STUDENT_INIT"] == "teacher":  # on a route, from where the route starts
+        start = route[0] if cfg["ROUTE"] and route else teacher.state_dict()
+        model.load_state_dict(models.select_weights(model.state_dict(), start))
     sample = dataset.normalize(dataset.train_x[:8], cfg["CHANNELS_LAST"])
     method = build_method(cfg["METHOD"], cfg, model, teacher, sample)
     frozen = FrozenTeacher(teacher, route if cfg["ROUTE"] else (), cfg["TEACHER_MIRROR"])

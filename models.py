@@ -504,15 +504,19 @@ def select_weights(student_state, teacher_state):
     are those the next layer keeps as inputs, so a student as wide as the
     teacher starts as the teacher itself. A shallower student of the same
     family (resnet8x4 of resnet32x4) takes the first blocks of each stage,
-    which bear the same names. Returns the student's new state dict; raises
-    ValueError naming the first tensor that has no counterpart."""
+    which bear the same names. (Networks that shuffle, split or group their
+    channels keep this only in part.) Returns the student's new state dict;
+    raises ValueError naming the first tensor that has no counterpart or is
+    larger than it."""
     selected = {}
     for name, tensor in student_state.items():
         source = teacher_state.get(name)
+        shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
         if source is None:
             raise ValueError(f"the teacher has no tensor {name}")
-        if source.dim() != tensor.dim() or any(s > t for s, t in zip(tensor.shape, source.shape)):
-            shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
+        if source.dim() != tensor.dim():
+            raise ValueError(f"{name} is {shape(tensor)} in the student, {shape(source)} in the teacher")
+        if any(s > t for s, t in zip(tensor.shape, source.shape)):
             raise ValueError(f"{name} is {shape(tensor)} in the student, larger than the teacher's {shape(source)}")
         for dim, (size, larger) in enumerate(zip(tensor.shape, source.shape)):
             source = source.index_select(dim, evenly_spaced(size, larger).to(source.device))

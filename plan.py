@@ -27,11 +27,15 @@ import torch
 import checkpoint
 import config
 import datafiles
+import distill
 import models
 import pretrained
 import runtime
 
 STAGES = config.STAGE_NAMES
+NO_ROUTE = (
+    "the teacher kept no weights from its training, so it teaches with its final weights alone (--route has no effect)"
+)
 
 
 class TrainingError(Exception):
@@ -193,8 +197,7 @@ def make(cfg, dataset, device, out_dir, argv=(), program="train.py", torchrun=Fa
             teacher_digest = digest if stage == "distilled" else None
             decided.rows[stage] = trained_row(decided, stage, cfg, device, out_dir, teacher_digest, reasons[stage])
             if stage == "distilled" and cfg["ROUTE"] and decided.teacher[0] is not None and not decided.route:
-                decided.rows[stage].reason += ("; the teacher kept no weights from its training, so it teaches with "
-                                               "its final weights alone (--route has no effect)")  # fmt: skip
+                decided.rows[stage].reason += f"; {NO_ROUTE}"
         else:
             decided.rows[stage] = kept_row(stage, cfg, out_dir, stage in requested, finished.get(stage),
                                            stale.get(stage))  # fmt: skip
@@ -209,6 +212,9 @@ def refuse_settings(cfg, dataset):
     brought = cfg["TEACHER_CHECKPOINT"]
     if brought and not Path(brought).is_file():
         config.fail("teacher-checkpoint", f"{brought}: no such file; give the path of a teacher checkpoint")
+    if cfg["TEACHER_MIRROR"] and not distill.METHODS[cfg["METHOD"]].uses_logits:
+        config.fail("teacher-mirror", f"{cfg['METHOD']} learns from the teacher's features, which the mirror does "
+                    f"not average (it averages logits); leave it off, or choose kd, dkd or lskd")  # fmt: skip
     if cfg["STUDENT_INIT"] == "teacher" and "distilled" in cfg["STAGES"].split(","):
         student, teacher = (models.build(cfg[name], len(dataset.classes), dataset.in_channels)
                             for name in ("STUDENT", "TEACHER"))  # fmt: skip

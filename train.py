@@ -292,11 +292,12 @@ def end_epoch(stage, progress, sums, bar):
     progress.log.append(record)
     if master_process:
         checkpoint.write_text(stage.path(".last.jsonl"), log_text(progress.log))
-    state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()} if master_process else None
-    if master_process and (val_acc is None or val_acc > progress.best["acc"]):  # no validation split: the last epoch
-        progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state}
-    if master_process and stage.name == "teacher" and progress.epoch in stages.anchor_epochs(stage.epochs):
-        progress.anchors.append({"epoch": progress.epoch, "state": state})
+    best = master_process and (val_acc is None or val_acc > progress.best["acc"])  # no validation split: the last
+    anchor = master_process and stage.name == "teacher" and progress.epoch in stages.anchor_epochs(stage.epochs)
+    if best or anchor:
+        state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()}
+        progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state} if best else progress.best
+        progress.anchors += [{"epoch": progress.epoch, "state": state}] if anchor else []
     bar.write(
         f"{stage.name} epoch {progress.epoch:3d}/{stage.epochs}  loss {train_loss:.4f}  train "
         f"{record['train_acc']:.2%}  val {percent(val_acc)}  lr {record['lr']:.2e} (last step)  "
@@ -434,6 +435,8 @@ def train_stages(cfg, decided, dataset, device, out_dir):
             ) from None
         if row.stage == "teacher":  # distil from the teacher as saved (in a torchrun job, every process reads it)
             decided.teacher, decided.route = plan.saved_teacher(out_dir, checkpoint.load(out_dir / "teacher.pt"))
+            if cfg["ROUTE"] and not decided.route and decided.rows["distilled"].trains:
+                print(f"distilled: {plan.NO_ROUTE}")
         if master_process:
             report.draw_curves(out_dir, [s for s in STAGES if s in results])
     return results

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import distill
 import models
+from conftest import tensor_dataset
 
 CONFIG = {"ALPHA": 0.75, "TEMPERATURE": 2.0, "LABEL_SMOOTHING": 0.0}
 
@@ -224,3 +226,15 @@ def test_a_mirrored_teacher_averages_the_logits_of_each_image_and_its_mirror():
         plain = model.forward_features(images)
     assert torch.allclose(out["logits"], expected, atol=1e-6)
     assert torch.equal(out["pooled"], plain["pooled"]) and len(out["stages"]) == len(plain["stages"])
+
+
+def test_a_student_from_the_teacher_on_a_route_starts_where_the_route_starts():
+    cfg = config.parse(["--teacher", "airnet_s", "--student-init", "teacher", "--route", "--device", "cpu"])
+    dataset = tensor_dataset(torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8), torch.arange(16) % 5, 5)
+    teacher, early = models.build("airnet_s", 5), models.build("airnet_s", 5)
+    objective = distill.build_objective(cfg, "airnet_xs", dataset, torch.device("cpu"), teacher, [early.state_dict()])
+    expected = models.select_weights(objective.model.state_dict(), early.state_dict())
+    assert all(torch.equal(v, expected[k]) for k, v in objective.model.state_dict().items())
+    plain = distill.build_objective({**cfg, "ROUTE": False}, "airnet_xs", dataset, torch.device("cpu"), teacher)
+    expected = models.select_weights(plain.model.state_dict(), teacher.state_dict())
+    assert all(torch.equal(v, expected[k]) for k, v in plain.model.state_dict().items())

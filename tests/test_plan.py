@@ -70,7 +70,8 @@ def test_an_empty_folder_trains_every_stage_and_prints_the_resolved_settings(tmp
     # the default recipe's CIFAR-100 settings, as resolved, and the other settings of the run
     assert decided.rows["distilled"].settings == "airnet_xs, 1 epoch, lr 0.008, method kd, temperature 1, alpha 0.9"
     lines = decided.text().splitlines()
-    assert lines[0] == f"plan: cifar100 from test, 2 classes; on cpu with {torch.get_num_threads()} threads; seed 0"
+    threads = f"{torch.get_num_threads()} thread" + "s" * (torch.get_num_threads() != 1)
+    assert lines[0] == f"plan: cifar100 from test, 2 classes; on cpu with {threads}; seed 0"
     assert lines[3] == "  train    distilled: in --stages [" + decided.rows["distilled"].settings + "]"
     assert decided.records()[0] == {"stage": "teacher", "action": "train", "reason": "in --stages",
                                     "settings": "airnet_xs, 1 epoch, lr 0.008"}  # fmt: skip
@@ -244,6 +245,21 @@ def test_the_teachers_route_reaches_the_distilled_stage_and_a_teacher_without_on
     assert make(tmp_path / "out", "--student-init", "teacher", "--teacher", "airnet_m").rows["distilled"].settings == (
         "airnet_xs, 1 epoch, lr 0.008, method kd, temperature 2, alpha 0.5, student from the teacher"
     )
+    assert one_line_exit(capsys, make, tmp_path / "out", "--teacher-mirror", "--method", "fitnet") == (
+        "argument --teacher-mirror: fitnet learns from the teacher's features, which the mirror does not average (it "
+        "averages logits); leave it off, or choose kd, dkd or lskd"
+    )
+
+
+def test_a_stage_saved_before_a_setting_was_added_is_taken_as_made_with_its_default(tmp_path):
+    cfg = settings()
+    save_finished(tmp_path, "teacher", cfg)
+    older = {k: v for k, v in checkpoint.json_safe(cfg).items() if k not in config.ADDED_SETTINGS}
+    save_finished(tmp_path, "distilled", cfg, config=older)
+    assert actions(make(tmp_path)) == {"teacher": "keep", "student": "train", "distilled": "keep"}
+    assert make(tmp_path, "--stages", "student", "--route").rows["distilled"].changed == [
+        "--route False then, True now"
+    ]
 
 
 def test_settings_that_the_folders_or_the_data_refuse_stop_in_one_line(tmp_path, capsys):
