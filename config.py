@@ -57,7 +57,7 @@ LSKD_TEMPERATURE = 2.0  # lskd: temperature applied to the standardised logits
 LSKD_WEIGHT = 9.0  # lskd: weight of its distillation term (the paper's 9); CE keeps 1 - ALPHA
 FITNET_WEIGHT = 100.0  # fitnet: weight of the hint regression (MSE) term
 AT_WEIGHT = 100.0  # at: weight of the attention-transfer term (paper recipe: 1000, set for maps of 32x32 to 8x8)
-STUDENT_INIT = "random"  # the distilled student's start: random | teacher (evenly chosen channels and layers of it)
+STUDENT_INIT = "auto"  # the distilled student starts from: teacher (its weights) | random | auto (teacher where able)
 ROUTE = False  # learn from the teacher's weights kept during its training, early to final, in equal legs (RCO)
 TEACHER_MIRROR = False  # average the teacher's logits over each image and its mirror (a second forward pass)
 
@@ -106,7 +106,7 @@ RECIPES = {
         "WEIGHT_DECAY": 5e-4, "BIAS_LR_SCALE": 1.0, "LOOKAHEAD": False, "CROP_PADDING": 4,
         "LR_SCHEDULE": "step", "LR_MILESTONES": (0.625, 0.75, 0.875), "WARMUP": 0.0,
         "LABEL_SMOOTHING": 0.0, "DROPOUT": 0.0, "TTA": False, "TEMPERATURE": 4.0, "ALPHA": 0.9,
-        "DKD_WARMUP": 20 / 240, "AT_WEIGHT": 1000.0,
+        "DKD_WARMUP": 20 / 240, "AT_WEIGHT": 1000.0, "STUDENT_INIT": "random",
         "NETWORKS": {
             ("resnet32x4", "resnet8x4"): {"DKD_BETA": 8.0}, ("wrn_40_2", "wrn_16_2"): {"DKD_BETA": 6.0},
             ("resnet56", "resnet20"): {"DKD_BETA": 2.0}, ("resnet110", "resnet32"): {"DKD_BETA": 2.0},
@@ -221,7 +221,7 @@ RULES = {  # constant -> check(value) returning an error or None
     "RECIPE": lambda v: None if v in RECIPES else f"must be one of {', '.join(RECIPES)}",
     "DEVICE": lambda v: None if v in ("auto", "cpu", "cuda") else "must be one of auto, cpu, cuda",
     "AMP": lambda v: None if v in ("auto", "bf16", "off") else "must be one of auto, bf16, off",
-    "STUDENT_INIT": lambda v: None if v in ("random", "teacher") else "must be one of random, teacher",
+    "STUDENT_INIT": lambda v: None if v in ("auto", "teacher", "random") else "must be one of auto, teacher, random",
     "IMAGE_SIZE": lambda v: None if v >= 8 else "must be >= 8", "STAGES": _stages,
     "EPOCHS": _holds("EPOCHS", lambda v: len(v) == 3 and all(e > 0 for e in v)),
     "LR": _holds("LR", lambda v: len(v) == 3 and not any(map(POSITIVE, v))),

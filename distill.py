@@ -323,6 +323,14 @@ def build_method(name, config, student, teacher, sample=None):
     return METHODS[name](config, student, teacher, sample)
 
 
+def starts_from_teacher(cfg):
+    """Whether the distilled student starts from the teacher's weights:
+    STUDENT_INIT teacher, or auto where the student is a narrower or shallower
+    version of the teacher (see models.select_weights)."""
+    init = cfg["STUDENT_INIT"]
+    return init == "teacher" or init == "auto" and models.selection_problem(cfg["STUDENT"], cfg["TEACHER"]) is None
+
+
 def build_objective(cfg, model_name, dataset, device, teacher=None, route=()):
     """The objective of one stage, on `device`: a fresh `model_name` network
     (seeded with SEED and initialised from the training images), trained with
@@ -339,7 +347,7 @@ def build_objective(cfg, model_name, dataset, device, teacher=None, route=()):
     if teacher is None:
         return Supervised(model, cfg["LABEL_SMOOTHING"])
     teacher = teacher.to(device, memory_format=memory_format)
-    if cfg["STUDENT_INIT"] == "teacher":  # on a route, from where the route starts
+    if starts_from_teacher(cfg):  # on a route, from where the route starts
         start = route[0] if cfg["ROUTE"] and route else teacher.state_dict()
         model.load_state_dict(models.select_weights(model.state_dict(), start))
     sample = dataset.normalize(dataset.train_x[:8], cfg["CHANNELS_LAST"])

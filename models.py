@@ -11,6 +11,8 @@ This file knows nothing of data or training. Constructors take
 architecture allows.
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -489,6 +491,18 @@ register("shufflenetv1")(
 register("shufflenetv2")(
     lambda num_classes, in_channels=3, dropout=0.0: ShuffleNetV2(num_classes, in_channels, dropout)
 )
+
+
+@functools.lru_cache
+def selection_problem(student_name, teacher_name):
+    """Why a `student_name` network cannot start from a `teacher_name`'s
+    weights by select_weights, in a few words, or None when it can (the
+    classes and input channels change no tensor's presence or rank)."""
+    try:
+        select_weights(build(student_name, 10).state_dict(), build(teacher_name, 10).state_dict())
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def evenly_spaced(size, larger):

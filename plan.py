@@ -215,15 +215,10 @@ def refuse_settings(cfg, dataset):
     if cfg["TEACHER_MIRROR"] and not distill.METHODS[cfg["METHOD"]].uses_logits:
         config.fail("teacher-mirror", f"{cfg['METHOD']} learns from the teacher's features, which the mirror does "
                     f"not average (it averages logits); leave it off, or choose kd, dkd or lskd")  # fmt: skip
-    if cfg["STUDENT_INIT"] == "teacher" and "distilled" in cfg["STAGES"].split(","):
-        student, teacher = (models.build(cfg[name], len(dataset.classes), dataset.in_channels)
-                            for name in ("STUDENT", "TEACHER"))  # fmt: skip
-        try:
-            models.select_weights(student.state_dict(), teacher.state_dict())
-        except ValueError as error:
-            config.fail("student-init", f"{cfg['STUDENT']} cannot start from {cfg['TEACHER']}'s weights ({error}); "
-                        f"it takes a narrower or shallower student of the teacher's family (airnet_xs of airnet_m, "
-                        f"resnet8x4 of resnet32x4, wrn_16_2 of wrn_40_2), or pass --student-init random")  # fmt: skip
+    if cfg["STUDENT_INIT"] == "teacher" and (problem := models.selection_problem(cfg["STUDENT"], cfg["TEACHER"])):
+        config.fail("student-init", f"{cfg['STUDENT']} cannot start from {cfg['TEACHER']}'s weights ({problem}); "
+                    f"it takes a narrower or shallower student of the teacher's family (airnet_xs of airnet_m, "
+                    f"resnet8x4 of resnet32x4, wrn_16_2 of wrn_40_2), or pass --student-init random")  # fmt: skip
 
 
 def why_trained(cfg, out_dir, requested, stale):
@@ -257,7 +252,7 @@ def settings(cfg, stage):
     text += f"lr {cfg['LR'][index]:g}"
     if stage == "distilled":
         text += f", method {cfg['METHOD']}, temperature {cfg['TEMPERATURE']:g}, alpha {cfg['ALPHA']:g}"
-        chosen = [("student from the teacher", cfg["STUDENT_INIT"] == "teacher"), ("route", cfg["ROUTE"]),
+        chosen = [("student from the teacher", distill.starts_from_teacher(cfg)), ("route", cfg["ROUTE"]),
                   ("mirrored teacher", cfg["TEACHER_MIRROR"])]  # fmt: skip
         text += "".join(f", {words}" for words, on in chosen if on)
     return text

@@ -68,7 +68,9 @@ def test_an_empty_folder_trains_every_stage_and_prints_the_resolved_settings(tmp
     assert actions(decided) == {"teacher": "train", "student": "train", "distilled": "train"}
     assert [row.reason for row in decided.rows.values()] == ["in --stages"] * 3
     # the default recipe's CIFAR-100 settings, as resolved, and the other settings of the run
-    assert decided.rows["distilled"].settings == "airnet_xs, 1 epoch, lr 0.008, method kd, temperature 1, alpha 0.9"
+    assert decided.rows["distilled"].settings == (  # auto: the student has the teacher's shape, so it starts as it
+        "airnet_xs, 1 epoch, lr 0.008, method kd, temperature 1, alpha 0.9, student from the teacher"
+    )
     lines = decided.text().splitlines()
     threads = f"{torch.get_num_threads()} thread" + "s" * (torch.get_num_threads() != 1)
     assert lines[0] == f"plan: cifar100 from test, 2 classes; on cpu with {threads}; seed 0"
@@ -251,15 +253,14 @@ def test_the_teachers_route_reaches_the_distilled_stage_and_a_teacher_without_on
     )
 
 
-def test_a_stage_saved_before_a_setting_was_added_is_taken_as_made_with_its_default(tmp_path):
+def test_a_stage_saved_before_a_setting_was_added_is_taken_as_made_with_its_old_default(tmp_path):
     cfg = settings()
     save_finished(tmp_path, "teacher", cfg)
     older = {k: v for k, v in checkpoint.json_safe(cfg).items() if k not in config.ADDED_SETTINGS}
-    save_finished(tmp_path, "distilled", cfg, config=older)
-    assert actions(make(tmp_path)) == {"teacher": "keep", "student": "train", "distilled": "keep"}
-    assert make(tmp_path, "--stages", "student", "--route").rows["distilled"].changed == [
-        "--route False then, True now"
-    ]
+    save_finished(tmp_path, "distilled", cfg, config=older)  # made as --student-init random makes it
+    assert actions(make(tmp_path, "--student-init", "random")) == {"teacher": "keep", "student": "train",
+                                                                  "distilled": "keep"}  # fmt: skip
+    assert make(tmp_path, "--stages", "student").rows["distilled"].changed == ["--student-init random then, auto now"]
 
 
 def test_settings_that_the_folders_or_the_data_refuse_stop_in_one_line(tmp_path, capsys):
