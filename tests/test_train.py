@@ -196,28 +196,19 @@ def method_setup(tmp_path_factory):
     return root
 
 
+# kd also runs the teaching options: the route, the mirrored teacher and the student from the teacher's weights
+TEACHING = ["--route", "--teacher-mirror", "--student-init", "teacher"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "dkd", "lskd", "fitnet", "at"])
 def test_every_method_trains_through_train_py(method_setup, method):
     out = method_setup / method
     (out / "cifar10").mkdir(parents=True)
     shutil.copy(method_setup / "teacher" / "cifar10" / "teacher.pt", out / "cifar10" / "teacher.pt")
-    result = run_script(
-        "train.py",
-        "--data-dir",
-        method_setup / "data",
-        "--out-dir",
-        out,
-        *FAST,
-        "--stages",
-        "distilled",
-        "--method",
-        method,
-        "--epochs",
-        "3,2,2",
-        "--dkd-warmup",
-        "0",
-    )
+    flags = ["--stages", "distilled", "--method", method, "--epochs", "3,2,2", "--dkd-warmup", "0"]
+    flags += TEACHING if method == "kd" else []
+    result = run_script("train.py", "--data-dir", method_setup / "data", "--out-dir", out, *FAST, *flags)
     assert result.returncode == 0, result.stderr[-2000:]
     log = [json.loads(line) for line in (out / "cifar10" / "distilled.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log), log
@@ -228,23 +219,16 @@ def test_every_method_trains_through_train_py(method_setup, method):
     initial = models.build("airnet_xs", 10, 3).state_dict()
     assert set(saved["state_dict"]) == set(initial)
     assert not torch.equal(saved["state_dict"]["head.0.weight"], initial["head.0.weight"])
+    if method == "kd":
+        assert "alpha 0.5, student from the teacher, route, mirrored teacher]" in result.stdout
 
 
 @pytest.mark.slow
-def test_the_teacher_keeps_its_route_and_a_student_distils_along_it_from_the_teachers_weights(method_setup):
+def test_the_teacher_keeps_its_weights_at_evenly_spaced_epochs_before_its_best(method_setup):
     teacher = checkpoint.load(method_setup / "teacher" / "cifar10" / "teacher.pt")
     best = teacher["metrics"]["best_epoch"]
     assert [anchor["epoch"] for anchor in teacher["anchors"]] == [e for e in stages.anchor_epochs(3) if e < best]
-    assert stages.anchor_epochs(3) == [1, 2] and stages.anchor_epochs(12) == [3, 6, 9]
-    out = method_setup / "route"
-    (out / "cifar10").mkdir(parents=True)
-    shutil.copy(method_setup / "teacher" / "cifar10" / "teacher.pt", out / "cifar10" / "teacher.pt")
-    flags = ["--stages", "distilled", "--epochs", "3,2,2", "--route", "--student-init", "teacher", "--teacher-mirror"]
-    result = run_script("train.py", "--data-dir", method_setup / "data", "--out-dir", out, *FAST, *flags)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "method kd, temperature 2, alpha 0.5, student from the teacher, route, mirrored teacher]" in result.stdout
-    log = [json.loads(line) for line in (out / "cifar10" / "distilled.jsonl").read_text().splitlines()]
-    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log), log
+    assert stages.anchor_epochs(3) == [1, 2] and stages.anchor_epochs(12) == [3, 6, 9] and stages.anchor_epochs(1) == []
 
 
 @pytest.mark.slow
