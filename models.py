@@ -523,9 +523,9 @@ def select_weights(student_state, teacher_state):
     raises ValueError naming the first tensor that has no counterpart or is
     larger than it."""
     selected = {}
+    shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
     for name, tensor in student_state.items():
         source = teacher_state.get(name)
-        shape = lambda t: "x".join(map(str, t.shape)) or "scalar"  # noqa: E731
         if source is None:
             raise ValueError(f"the teacher has no tensor {name}")
         if source.dim() != tensor.dim():

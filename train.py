@@ -294,10 +294,11 @@ def end_epoch(stage, progress, sums, bar):
         checkpoint.write_text(stage.path(".last.jsonl"), log_text(progress.log))
     best = master_process and (val_acc is None or val_acc > progress.best["acc"])  # no validation split: the last
     anchor = master_process and stage.name == "teacher" and progress.epoch in stages.anchor_epochs(stage.epochs)
-    if best or anchor:
-        state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()}
-        progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state} if best else progress.best
-        progress.anchors += [{"epoch": progress.epoch, "state": state}] if anchor else []
+    state = {k: v.detach().cpu().clone() for k, v in stage.model.state_dict().items()} if best or anchor else None
+    if best:
+        progress.best = {"acc": val_acc, "epoch": progress.epoch, "state": state}
+    if anchor:
+        progress.anchors.append({"epoch": progress.epoch, "state": state})
     bar.write(
         f"{stage.name} epoch {progress.epoch:3d}/{stage.epochs}  loss {train_loss:.4f}  train "
         f"{record['train_acc']:.2%}  val {percent(val_acc)}  lr {record['lr']:.2e} (last step)  "
