@@ -186,7 +186,7 @@ def normalize(images, mean, std, channels_last=True):
     """uint8 (N, C, H, W) -> float32 normalised, channels_last by default."""
     mean, std = _stats_on(tuple(mean), tuple(std), images.device)
     out = (images.float() - mean) / std
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def mirror_index(index, size):
@@ -195,30 +195,37 @@ def mirror_index(index, size):
     return (size - 1) - (size - 1 - index.abs()).abs()
 
 
-def augment(images, padding, flip, generator):
-    """Random translation and horizontal flip, for a whole batch.
+def augment(images, padding, flip, generator, index=None):
+    """Random translation and horizontal flip, for a whole batch: the images
+    of `index` (all of them by default), in one gather.
 
     Each image is shifted by its own offset in [-padding, padding] along each
     axis, with the border filled by reflection (a random crop of the image
-    padded in 'reflect' mode, as in airbench), taken with one gather.
-    padding must be smaller than the image. flip: True gives each image its
-    own coin; a bool tensor (one per image) says which to flip; False flips
-    none."""
-    n, _, height, width = images.shape
-    device = images.device
+    padded in 'reflect' mode, as in airbench). padding must be smaller than
+    the image. flip: True gives each image its own coin; a bool tensor (one
+    per image of the batch) says which to flip; False flips none. The rows,
+    columns (mirrored where flipped) and the picking of the batch become one
+    index into the images' storage, laid out channels last, so the batch
+    comes out channels_last without another copy."""
+    index = torch.arange(len(images), device=images.device) if index is None else index
+    n, (channels, height, width), device = len(index), images.shape[1:], images.device
+    rows = torch.arange(height, device=device).expand(n, height)
+    cols = torch.arange(width, device=device).expand(n, width)
     if padding > 0:
         dy = torch.randint(-padding, padding + 1, (n, 1), device=device, generator=generator)
         dx = torch.randint(-padding, padding + 1, (n, 1), device=device, generator=generator)
-        rows = mirror_index(dy + torch.arange(height, device=device), height)[:, None, :, None]
-        cols = mirror_index(dx + torch.arange(width, device=device), width)[:, None, None, :]
-        batch = torch.arange(n, device=device)[:, None, None, None]
-        channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
-        images = images[batch, channel, rows, cols]
+        rows, cols = mirror_index(dy + rows, height), mirror_index(dx + cols, width)
     if not torch.is_tensor(flip):
         flip = torch.rand(n, device=device, generator=generator) < 0.5 if flip else None
     if flip is not None:
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    return images
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    offsets = (
+        index[:, None, None, None] * (channels * height * width)
+        + rows[:, :, None, None] * width
+        + cols[:, None, :, None]
+        + torch.arange(channels, device=device) * (height * width)
+    )  # (n, height, width, channels)
+    return images.contiguous().view(-1)[offsets].permute(0, 3, 1, 2)
 
 
 def alternating_flips(n, epoch, seed, device):
@@ -247,7 +254,7 @@ def train_batches(data, order, batch_size, padding, flip, generator, channels_la
     batch_size = min(batch_size, len(order))
     for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
         index = order[first : first + batch_size]
-        images = augment(data.train_x[index], padding, flip[index] if torch.is_tensor(flip) else flip, generator)
+        images = augment(data.train_x, padding, flip[index] if torch.is_tensor(flip) else flip, generator, index)
         yield normalize(images[rank::world], data.mean, data.std, channels_last), data.train_y[index][rank::world]
 
 

@@ -281,9 +281,11 @@ def test_the_parts_of_a_torchrun_job_make_up_exactly_the_single_process_batches(
 
 
 def test_random_crop_is_a_shifted_window_of_the_reflection_padded_image():
-    images = torch.randint(1, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    images = torch.randint(1, 255, (20, 3, 8, 8), dtype=torch.uint8)
+    index = torch.randperm(20)[:16]  # the batch's images, gathered with their crops
     generator = torch.Generator().manual_seed(1)
-    out = data.augment(images, padding=2, flip=False, generator=generator)
+    out = data.augment(images, padding=2, flip=False, generator=generator, index=index)
+    assert out.shape == (16, 3, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
     padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
     shifted = 0
     for i in range(16):
@@ -291,7 +293,7 @@ def test_random_crop_is_a_shifted_window_of_the_reflection_padded_image():
             (dy, dx)
             for dy in range(5)
             for dx in range(5)
-            if torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+            if torch.equal(out[i], padded[index[i], :, dy : dy + 8, dx : dx + 8])
         ]
         assert windows, "crop is not a window of the padded image"
         shifted += windows != [(2, 2)]
