@@ -34,11 +34,15 @@ def register(name):
 
 
 class FrozenTeacher(nn.Module):
-    """A trained network that only gives targets.
+    """A trained network that only gives targets, in inference form.
 
-    Its weights never require gradients, it stays in eval mode whatever
-    `.train()` is called on it (so batch-norm statistics and dropout are
-    those of inference), and it runs under no_grad.
+    It runs `model` as models.fold_batch_norm gives it, each batch norm
+    folded into its convolution (fewer passes over memory per step; the same
+    outputs to float rounding). Its weights never require gradients, it
+    stays in eval mode whatever `.train()` is called on it (so batch-norm
+    statistics and dropout are those of inference), and it runs under
+    no_grad (not inference_mode: the losses keep its outputs for the
+    student's backward pass).
 
     `route`, the teacher's weights kept during its training (early to late),
     makes it teach route-constrained (Jin et al., ICCV 2019, "Knowledge
@@ -51,9 +55,10 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, model, route=(), mirror=False):
         super().__init__()
-        self.model = model.eval()
-        for parameter in self.model.parameters():
+        self.network = model.eval()  # as trained: the route's weights load into it
+        for parameter in self.network.parameters():
             parameter.requires_grad_(False)
+        self.model = models.fold_batch_norm(self.network)
         final = [{k: v.detach().cpu().clone() for k, v in model.state_dict().items()}] if route else []
         self.route = [*route, *final]
         self.leg = len(self.route) - 1  # the set of weights the network holds now
@@ -72,8 +77,8 @@ class FrozenTeacher(nn.Module):
         legs = len(self.route)
         leg = min(legs - 1, max(0, math.ceil(round(progress * legs, 6)) - 1))
         if leg != self.leg:
-            self.model.load_state_dict(self.route[leg])
-            self.leg = leg
+            self.network.load_state_dict(self.route[leg])
+            self.model, self.leg = models.fold_batch_norm(self.network), leg
 
     @torch.no_grad()
     def forward(self, images):

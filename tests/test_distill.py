@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -214,8 +215,31 @@ def test_a_routed_teacher_teaches_each_leg_with_the_next_weights_then_its_final_
         legs.append([torch.equal(frozen.model.state_dict()["head.0.weight"], h) for h in heads].index(True))
     assert legs == [0, 0, 1, 1, 2, 2]
     images = torch.randn(2, 3, 16, 16)
-    assert torch.equal(frozen(images)["logits"], tiny(0).eval()(images))
+    torch.testing.assert_close(frozen(images)["logits"], tiny(0).eval()(images))
     assert distill.FrozenTeacher(tiny(0)).route == []  # no route: nothing kept, nothing loaded
+
+
+def with_norm_statistics(model, seed):
+    """`model` in eval mode with batch-norm statistics and shifts far from their initial 0 and 1."""
+    generator = torch.Generator().manual_seed(seed)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.copy_(torch.randn(norm.running_mean.shape, generator=generator))
+        norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=generator) + 0.5)
+        norm.bias.data.copy_(torch.randn(norm.bias.shape, generator=generator))
+    return model.eval()
+
+
+def test_the_frozen_teacher_runs_folded_with_the_outputs_of_the_teacher_on_every_leg():
+    final, early = with_norm_statistics(tiny(0), 0), with_norm_statistics(tiny(1), 1)
+    frozen = distill.FrozenTeacher(copy.deepcopy(final), route=[early.state_dict()])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.model.modules())
+    images = torch.randn(4, 3, 16, 16)
+    for progress, teacher in [(0.5, early), (1.0, final)]:
+        frozen.set_progress(progress)
+        got, want = frozen(images), teacher.forward_features(images)
+        for a, b in zip([*got["stages"], got["logits"]], [*want["stages"], want["logits"]]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got["logits"], (early if teacher is final else final)(images), atol=1e-3)
 
 
 def test_a_mirrored_teacher_averages_the_logits_of_each_image_and_its_mirror():
