@@ -203,10 +203,11 @@ def augment(images, padding, flip, generator, index=None):
     axis, with the border filled by reflection (a random crop of the image
     padded in 'reflect' mode, as in airbench). padding must be smaller than
     the image. flip: True gives each image its own coin; a bool tensor (one
-    per image of the batch) says which to flip; False flips none. The rows,
-    columns (mirrored where flipped) and the picking of the batch become one
-    index into the images' storage, laid out channels last, so the batch
-    comes out channels_last without another copy."""
+    per image of the batch) says which to flip; False flips none. The batch's
+    images, rows and columns (mirrored where flipped) become one index into
+    the images' memory (read through their strides: the loaders keep them
+    channels last), laid out channels last, so the batch comes out
+    channels_last without another copy."""
     index = torch.arange(len(images), device=images.device) if index is None else index
     n, (channels, height, width), device = len(index), images.shape[1:], images.device
     rows = torch.arange(height, device=device).expand(n, height)
@@ -219,13 +220,17 @@ def augment(images, padding, flip, generator, index=None):
         flip = torch.rand(n, device=device, generator=generator) < 0.5 if flip else None
     if flip is not None:
         cols = torch.where(flip[:, None], cols.flip(1), cols)
+    if not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
+        images = images.contiguous()  # a layout with gaps: the flat view below needs dense memory
+    stride = images.stride()
     offsets = (
-        index[:, None, None, None] * (channels * height * width)
-        + rows[:, :, None, None] * width
-        + cols[:, None, :, None]
-        + torch.arange(channels, device=device) * (height * width)
+        index[:, None, None, None] * stride[0]
+        + rows[:, :, None, None] * stride[2]
+        + cols[:, None, :, None] * stride[3]
+        + torch.arange(channels, device=device) * stride[1]
     )  # (n, height, width, channels)
-    return images.contiguous().view(-1)[offsets].permute(0, 3, 1, 2)
+    memory = images.as_strided((images.numel(),), (1,))
+    return memory.take(offsets).permute(0, 3, 1, 2)
 
 
 def alternating_flips(n, epoch, seed, device):

@@ -280,8 +280,16 @@ def test_the_parts_of_a_torchrun_job_make_up_exactly_the_single_process_batches(
     assert sum(len(part[0][1]) for part, _ in parts) == len(whole[0][1])
 
 
-def test_random_crop_is_a_shifted_window_of_the_reflection_padded_image():
-    images = torch.randint(1, 255, (20, 3, 8, 8), dtype=torch.uint8)
+LAYOUTS = {  # the loaders keep images channels last
+    "NCHW": lambda images: images,
+    "channels_last": lambda images: images.contiguous(memory_format=torch.channels_last),
+    "with gaps": lambda images: torch.cat([images, images], dim=3)[..., :8],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_random_crop_is_a_shifted_window_of_the_reflection_padded_image(layout):
+    images = LAYOUTS[layout](torch.randint(1, 255, (20, 3, 8, 8), dtype=torch.uint8))
     index = torch.randperm(20)[:16]  # the batch's images, gathered with their crops
     generator = torch.Generator().manual_seed(1)
     out = data.augment(images, padding=2, flip=False, generator=generator, index=index)
