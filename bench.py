@@ -417,7 +417,7 @@ PROFILE_PARTS = (  # part -> fragments of operator names (lower case); the first
     ("max-pool", ("max_pool", "maxpool")),
     ("batch norm", ("batch_norm", "batchnorm")),
     ("fill_/zeroing", ("fill_", "zero_")),
-    ("augmentation gather (index)", ("index", "gather")),
+    ("augmentation gather (take, index)", ("take", "index", "gather")),
     ("optimizer", ("adam", "_foreach", "optimizer")),
 )
 
