@@ -478,7 +478,8 @@ def train_run(cfg, seed, amp, folder):
     """One train.py pipeline in a fresh folder; its results.json, or a one-line failure."""
     args = ["--dataset", cfg["DATASET"], "--data-dir", cfg["DATA_DIR"], "--out-dir", str(folder), "--seed", str(seed),
             "--amp", amp, "--teacher", cfg["TEACHER"], "--student", cfg["STUDENT"], "--method", cfg["METHOD"],
-            "--threads", str(cfg["THREADS"]), "--fresh", *shlex.split(cfg["train_args"])]  # fmt: skip
+            "--threads", str(cfg["THREADS"]), "--fresh", "--no-compression-report",  # speed is what it measures
+            *shlex.split(cfg["train_args"])]  # fmt: skip
     script = Path(__file__).resolve().parent / "train.py"
     log = folder / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)

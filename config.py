@@ -69,6 +69,7 @@ AMP = "auto"  # bf16 autocast: auto (on where the hardware does bf16 natively) |
 CHANNELS_LAST = True  # channels_last memory format, faster for convolutions on CPU and GPU
 COMPILE = False  # torch.compile the training step
 THREADS = 0  # CPU threads for torch (0: torch's default)
+COMPRESSION_REPORT = True  # end with each network exported to ONNX and timed (about 10 s; off for quick sweeps)
 
 
 # ---------------------------------------------------------------------------
@@ -122,7 +123,7 @@ RECIPES = {
 # distillation settings and the teacher shape the distilled stage alone (a
 # teacher file's digest is checked, wherever it comes from). DISTILLATION_SETTINGS holds names and prefixes.
 RUNTIME_SETTINGS = {"DATA_DIR", "DOWNLOAD", "OUT_DIR", "STAGES", "FRESH", "RESUME", "DEVICE", "AMP", "CHANNELS_LAST",
-                    "COMPILE", "THREADS", "DETERMINISTIC", "RECIPE",
+                    "COMPILE", "THREADS", "COMPRESSION_REPORT", "DETERMINISTIC", "RECIPE",
                     "TEACHER_CHECKPOINT"}  # fmt: skip
 DISTILLATION_SETTINGS = ("METHOD", "TEMPERATURE", "ALPHA", "DKD_", "LSKD_", "FITNET_", "AT_", "STUDENT_INIT",
                          "ROUTE", "TEACHER_MIRROR")  # fmt: skip
@@ -147,7 +148,7 @@ KINDS = {  # constant -> the type the code sees; (type,) for a tuple of them, co
     **dict.fromkeys(("DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "TEACHER_CHECKPOINT", "STAGES", "METHOD",
                      "RECIPE", "OPTIMIZER", "LR_SCHEDULE", "DEVICE", "AMP", "STUDENT_INIT"), str),
     **dict.fromkeys(("DOWNLOAD", "FRESH", "RESUME", "LOOKAHEAD", "FLIP", "ALTERNATE_FLIP", "TTA", "DETERMINISTIC",
-                     "CHANNELS_LAST", "COMPILE", "ROUTE", "TEACHER_MIRROR"), bool),
+                     "CHANNELS_LAST", "COMPILE", "COMPRESSION_REPORT", "ROUTE", "TEACHER_MIRROR"), bool),
     **dict.fromkeys(("IMAGE_SIZE", "VAL_SIZE", "BATCH_SIZE", "CROP_PADDING", "SEED", "THREADS"), int),
     **dict.fromkeys(("WEIGHT_DECAY", "WARMUP", "LABEL_SMOOTHING", "MOMENTUM", "BIAS_LR_SCALE", "DROPOUT", "TEMPERATURE",
                      "ALPHA", "DKD_ALPHA", "DKD_BETA", "DKD_WARMUP", "LSKD_TEMPERATURE", "LSKD_WEIGHT", "FITNET_WEIGHT",

@@ -295,12 +295,8 @@ def compression_markdown(report):
     )
 
 
-def write_results(out_dir, title, table, summary, checkpoints, in_channels, image_size, loaded):
-    """Print the compression report and write results.md and results.json:
-    train.py's table and summary (whose "stages" are the rows), the
-    compression report, the curves and the run (summary["run"]).
-    checkpoints: {stage: file}; loaded: {stage: model} for files that are not
-    checkpoints of this repo (a teacher brought with --teacher-checkpoint)."""
+def measured_compression(summary, checkpoints, in_channels, image_size, loaded):
+    """The compression report of write_results and its markdown; a failure is reported, not raised."""
     networks = {
         stage: (
             row["model"],
@@ -315,15 +311,29 @@ def write_results(out_dir, title, table, summary, checkpoints, in_channels, imag
         report = compression(networks, in_channels, image_size)
     except Exception as error:  # the report comes after training: a failure here must not lose the results
         report = {"error": error_text(error)}
-        text = f"Not measured: the compression report failed ({report['error']}).\n"
         print(f"warning: compression report skipped ({report['error']}); results are written without it",
               file=sys.stderr)  # fmt: skip
+        return report, f"Not measured: the compression report failed ({report['error']}).\n"
+    if report["onnx_error"]:
+        print(f"warning: exporting to ONNX failed ({report['onnx_error']}); the compression report has no ONNX "
+              f"Runtime figures", file=sys.stderr)  # fmt: skip
+    text = compression_markdown(report)
+    print(f"\n{text}")
+    return report, text
+
+
+def write_results(out_dir, title, table, summary, checkpoints, in_channels, image_size, loaded, measure=True):
+    """Print the compression report (unless not `measure`d) and write
+    results.md and results.json: train.py's table and summary (whose
+    "stages" are the rows), the compression report, the curves and the run
+    (summary["run"]). checkpoints: {stage: file}; loaded: {stage: model} for
+    files that are not checkpoints of this repo (a teacher brought with
+    --teacher-checkpoint)."""
+    if measure:
+        report, text = measured_compression(summary, checkpoints, in_channels, image_size, loaded)
     else:
-        if report["onnx_error"]:
-            print(f"warning: exporting to ONNX failed ({report['onnx_error']}); the compression report has no ONNX "
-                  f"Runtime figures", file=sys.stderr)  # fmt: skip
-        text = compression_markdown(report)
-        print(f"\n{text}")
+        report = {"skipped": "COMPRESSION_REPORT is False"}
+        text = "Not measured: the run was told not to (`--no-compression-report`).\n"
     atomic_write(
         Path(out_dir) / "results.md",
         lambda path: path.write_text(
@@ -427,7 +437,8 @@ def write_run(cfg, plan, results, out_dir, dataset, run):
     brought = cfg["TEACHER_CHECKPOINT"]
     files = {stage: Path(brought) if stage == "teacher" and brought else out_dir / f"{stage}.pt" for stage in rows}
     write_results(out_dir, cfg["DATASET"], f"{table}\n{sources}\n## Plan\n\n{plan.markdown()}", summary, files,
-                  dataset.in_channels, dataset.image_size, {"teacher": plan.teacher[0]} if brought else {})  # fmt: skip
+                  dataset.in_channels, dataset.image_size, {"teacher": plan.teacher[0]} if brought else {},
+                  cfg["COMPRESSION_REPORT"])  # fmt: skip
 
 
 def code_of(record):

@@ -189,7 +189,9 @@ def cifar10_archive(tmp_path):
 
 
 # Flags that make a full train.py run take seconds on tiny data.
-FAST = "--teacher airnet_s --student airnet_xs --epochs 1 --batch-size 16 --val-size 10 --device cpu".split()
+# small, quick runs; the compression report (ONNX export and timing, most of such a run) is tested on its own
+FAST = ("--teacher airnet_s --student airnet_xs --epochs 1 --batch-size 16 --val-size 10 --device cpu "
+        "--no-compression-report").split()  # fmt: skip
 
 
 def train_teacher(data_dir, out_dir, epochs, dataset="cifar10"):

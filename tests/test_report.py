@@ -187,7 +187,16 @@ def test_outside_a_git_checkout_there_is_no_commit(monkeypatch):
 @pytest.mark.slow
 def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path):
     write_cifar10(tmp_path / "data", per_class_train=4, per_class_test=2)
-    args = ["--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", *FAST, "--seed", "3"]
+    args = [
+        "--data-dir",
+        tmp_path / "data",
+        "--out-dir",
+        tmp_path / "out",
+        *FAST,
+        "--seed",
+        "3",
+        "--compression-report",
+    ]
     result = run_script("train.py", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     folder = tmp_path / "out" / "cifar10"

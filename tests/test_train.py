@@ -51,6 +51,10 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     gain = json.loads((folder / "results.json").read_text())["distillation_gain"]
     assert gain == round(100 * (results["distilled"]["test_acc"] - results["student"]["test_acc"]), 2)
     assert f"Distillation gain: {gain:+.2f} points" in table
+    assert json.loads((folder / "results.json").read_text())["compression"] == {
+        "skipped": "COMPRESSION_REPORT is False"
+    }
+    assert "Not measured: the run was told not to (`--no-compression-report`)." in table  # FAST turns it off
     source = str(tmp_path / "data" / "cifar-10-python.tar.gz")  # results name the data they were measured on
     assert all(row["data"] == source for row in results.values()) and f"\ndata: {source}\n" in table
 
