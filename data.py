@@ -208,7 +208,7 @@ def augment(images, padding, flip, generator, index=None):
     the images' memory (read through their strides: the loaders keep them
     channels last), laid out channels last, so the batch comes out
     channels_last without another copy."""
-    index = torch.arange(len(images), device=images.device) if index is None else index
+    index = torch.arange(len(images), device=images.device) if index is None else index.to(images.device)
     n, (channels, height, width), device = len(index), images.shape[1:], images.device
     rows = torch.arange(height, device=device).expand(n, height)
     cols = torch.arange(width, device=device).expand(n, width)
@@ -221,7 +221,7 @@ def augment(images, padding, flip, generator, index=None):
     if flip is not None:
         cols = torch.where(flip[:, None], cols.flip(1), cols)
     if not (images.is_contiguous() or images.is_contiguous(memory_format=torch.channels_last)):
-        images = images.contiguous()  # a layout with gaps: the flat view below needs dense memory
+        images = images.contiguous()  # neither layout: the flat view below needs one of them
     stride = images.stride()
     offsets = (
         index[:, None, None, None] * stride[0]

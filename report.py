@@ -333,7 +333,7 @@ def write_results(out_dir, title, table, summary, checkpoints, in_channels, imag
         report, text = measured_compression(summary, checkpoints, in_channels, image_size, loaded)
     else:
         report = {"skipped": "COMPRESSION_REPORT is False"}
-        text = "Not measured: the run was told not to (`--no-compression-report`).\n"
+        text = "Not measured: COMPRESSION_REPORT is off (`--no-compression-report`).\n"
     atomic_write(
         Path(out_dir) / "results.md",
         lambda path: path.write_text(

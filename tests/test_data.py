@@ -284,7 +284,23 @@ LAYOUTS = {  # the loaders keep images channels last
     "NCHW": lambda images: images,
     "channels_last": lambda images: images.contiguous(memory_format=torch.channels_last),
     "with gaps": lambda images: torch.cat([images, images], dim=3)[..., :8],
+    "channels_last, offset": lambda images: torch.cat([images[:3], images]).contiguous(
+        memory_format=torch.channels_last
+    )[3:],
 }
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_flipped_crop_is_the_mirror_of_a_window_of_the_padded_image(layout):
+    images = LAYOUTS[layout](torch.randint(1, 255, (20, 3, 8, 8), dtype=torch.uint8))
+    index, flip = torch.randperm(20)[:12], torch.arange(12) % 2 == 0
+    out = data.augment(images, padding=2, flip=flip, generator=torch.Generator().manual_seed(2), index=index)
+    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+    for i in range(12):
+        unflipped = out[i].flip(-1) if flip[i] else out[i]
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(unflipped, padded[index[i], :, dy : dy + 8, dx : dx + 8])]  # fmt: skip
+        assert windows, f"image {i} is not a {'mirrored ' if flip[i] else ''}window of the padded image"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

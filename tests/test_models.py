@@ -173,11 +173,17 @@ def test_a_norm_after_a_max_pool_with_a_negative_scale_stays():
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
-def test_gelu_is_torchs_gelu_in_either_layout_forward_and_backward(memory_format):
+def test_gelu_is_torchs_gelu_in_either_layout_forward_and_backward(memory_format, monkeypatch):
     x = (torch.randn(4, 6, 5, 5) * 3).contiguous(memory_format=memory_format).requires_grad_()
-    y = models.gelu(x)
-    assert y.is_contiguous(memory_format=memory_format)
     expected = torch.nn.functional.gelu(x)
+    seen = []  # what torch's gelu is handed: a channels_last map goes as its (N, H, W, C) view, a default one as is
+    torch_gelu = torch.nn.functional.gelu
+    monkeypatch.setattr(
+        torch.nn.functional, "gelu", lambda t: seen.append((tuple(t.shape), t.is_contiguous())) or torch_gelu(t)
+    )
+    y = models.gelu(x)
+    assert seen == [((4, 5, 5, 6) if memory_format == torch.channels_last else (4, 6, 5, 5), True)]
+    assert y.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
     weights = torch.randn(4, 6, 5, 5)
     (got,) = torch.autograd.grad((y * weights).sum(), x)

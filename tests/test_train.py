@@ -54,7 +54,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     assert json.loads((folder / "results.json").read_text())["compression"] == {
         "skipped": "COMPRESSION_REPORT is False"
     }
-    assert "Not measured: the run was told not to (`--no-compression-report`)." in table  # FAST turns it off
+    assert "Not measured: COMPRESSION_REPORT is off (`--no-compression-report`)." in table  # FAST turns it off
     source = str(tmp_path / "data" / "cifar-10-python.tar.gz")  # results name the data they were measured on
     assert all(row["data"] == source for row in results.values()) and f"\ndata: {source}\n" in table
 
