@@ -78,7 +78,12 @@ class FrozenTeacher(nn.Module):
         leg = min(legs - 1, max(0, math.ceil(round(progress * legs, 6)) - 1))
         if leg != self.leg:
             self.network.load_state_dict(self.route[leg])
-            self.model, self.leg = models.fold_batch_norm(self.network), leg
+            folded = models.fold_batch_norm(self.network)
+            try:  # into the same module, which a compiled or DDP-wrapped objective holds
+                self.model.load_state_dict(folded.state_dict())
+            except RuntimeError:  # these weights fold other layers (a norm's scale changed sign)
+                self.model = folded
+            self.leg = leg
 
     @torch.no_grad()
     def forward(self, images):

@@ -208,3 +208,19 @@ def tensor_dataset(images, labels, num_classes, mean=(0.5,) * 3, std=(0.25,) * 3
 
     return data.Data(images, labels, images[:0], labels[:0], images, labels, [str(i) for i in range(num_classes)],
                      mean, std, "test")  # fmt: skip
+
+
+def trained_like(model, seed=0):
+    """`model` in eval mode, its batch norms' statistics and affine parameters far from their initial ones (the
+    scales that train; AirNet's stay at 1), so that folding them into convolutions is tested on real work."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        shape = norm.running_mean.shape
+        norm.running_mean.copy_(torch.randn(shape, generator=generator))
+        norm.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+        norm.bias.data.copy_(torch.randn(shape, generator=generator))
+        if norm.weight.requires_grad:
+            norm.weight.data.copy_(torch.randn(shape, generator=generator))
+    return model.eval()

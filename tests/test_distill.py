@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import config
 import distill
 import models
-from conftest import tensor_dataset
+from conftest import tensor_dataset, trained_like
 
 CONFIG = {"ALPHA": 0.75, "TEMPERATURE": 2.0, "LABEL_SMOOTHING": 0.0}
 
@@ -219,21 +219,11 @@ def test_a_routed_teacher_teaches_each_leg_with_the_next_weights_then_its_final_
     assert distill.FrozenTeacher(tiny(0)).route == []  # no route: nothing kept, nothing loaded
 
 
-def with_norm_statistics(model, seed):
-    """`model` in eval mode with batch-norm statistics and shifts far from their initial 0 and 1."""
-    generator = torch.Generator().manual_seed(seed)
-    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        norm.running_mean.copy_(torch.randn(norm.running_mean.shape, generator=generator))
-        norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=generator) + 0.5)
-        norm.bias.data.copy_(torch.randn(norm.bias.shape, generator=generator))
-    return model.eval()
-
-
 def test_the_frozen_teacher_runs_folded_with_the_outputs_of_the_teacher_on_every_leg():
-    final, early = with_norm_statistics(tiny(0), 0), with_norm_statistics(tiny(1), 1)
+    final, early = trained_like(tiny(0), 0), trained_like(tiny(1), 1)
     frozen = distill.FrozenTeacher(copy.deepcopy(final), route=[early.state_dict()])
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.model.modules())
-    images = torch.randn(4, 3, 16, 16)
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     for progress, teacher in [(0.5, early), (1.0, final)]:
         frozen.set_progress(progress)
         got, want = frozen(images), teacher.forward_features(images)
@@ -262,3 +252,15 @@ def test_a_student_from_the_teacher_on_a_route_starts_where_the_route_starts():
     plain = distill.build_objective({**cfg, "ROUTE": False}, "airnet_xs", dataset, torch.device("cpu"), teacher)
     expected = models.select_weights(plain.model.state_dict(), teacher.state_dict())
     assert all(torch.equal(v, expected[k]) for k, v in plain.model.state_dict().items())
+
+
+def test_a_leg_whose_weights_fold_other_layers_gets_its_own_folded_network():
+    final, early = trained_like(tiny(0), 0), trained_like(tiny(1), 1)
+    early.stages[0][0][2].weight.data[0] = -1.0  # a negative scale after the max-pool: that norm cannot fold
+    frozen = distill.FrozenTeacher(copy.deepcopy(final), route=[early.state_dict()])
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    frozen.set_progress(0.5)
+    assert isinstance(frozen.model.stages[0][0][2], torch.nn.BatchNorm2d)
+    torch.testing.assert_close(frozen(images)["logits"], early(images), rtol=1e-4, atol=1e-4)
+    frozen.set_progress(1.0)
+    torch.testing.assert_close(frozen(images)["logits"], final(images), rtol=1e-4, atol=1e-4)
