@@ -368,6 +368,7 @@ def main(argv=None):
         config.fail("workers", "must be >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
+    runtime.reuse_freed_memory()
     out = output_file(cfg, "latency.json" if cfg["latency"] else "precision.json" if cfg["precision"] else "bench.json")
     if cfg["latency"]:
         warn_if_busy()
