@@ -136,6 +136,7 @@ ADDED_SETTINGS = {"STUDENT_INIT": "random", "ROUTE": False, "TEACHER_MIRROR": Fa
 # Everything below turns the constants above into a validated command line.
 
 import argparse  # noqa: E402
+import difflib  # noqa: E402
 import importlib  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -397,6 +398,7 @@ def _settings(values, written, given, prog):
                 cfg[name] = _normalised(source[name][0], name, value, prog)
 
     top, recipe = f"RECIPES[{cfg['RECIPE']!r}]", RECIPES.get(cfg["RECIPE"], {})
+    _check_recipe(top, recipe, values, prog)
     apply(top, {k: v for k, v in recipe.items() if k not in ("DATASETS", "NETWORKS")})
     by_dataset, by_networks = recipe.get("DATASETS", {}), recipe.get("NETWORKS", {})
     pair = (cfg["TEACHER"], cfg["STUDENT"])
@@ -413,6 +415,27 @@ def _settings(values, written, given, prog):
         if problem:
             _refuse(*source[name], problem, prog)
     return cfg
+
+
+def _check_recipe(top, recipe, known, prog):
+    """Refuse a name in the recipe that no code reads (a misspelt setting, dataset or network would be
+    ignored without a word)."""
+
+    def settings(where, names):
+        for name, value in names.items():
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                _refuse(f"{where}[{name!r}]", value, f"no such setting{hint}", prog)
+
+    settings(top, {k: v for k, v in recipe.items() if k not in ("DATASETS", "NETWORKS")})
+    for group, rule in (("DATASETS", RULES["DATASET"]), ("NETWORKS", RULES["STUDENT"])):
+        for key, names in recipe.get(group, {}).items():
+            where = f"{top}[{group!r}][{key!r}]"
+            problem = next(filter(None, map(rule, key if isinstance(key, tuple) else (key,))), None)
+            if problem:
+                _refuse(where, names, problem, prog)
+            settings(where, names)
 
 
 _NOT_KNOBS = {"RECIPES", "RUNTIME_SETTINGS", "DISTILLATION_SETTINGS", "ADDED_SETTINGS", "STAGE_NAMES", "PER_STAGE",

@@ -121,6 +121,13 @@ BAD_RECIPES = [  # a recipe -> where the one line says config.py sets the value,
      "RECIPES['mine']['NETWORKS']['airnet_xs']['LR'] = 'x': must be one or three finite numbers > 0"),
     ({"NETWORKS": {("airnet_m", "airnet_xs"): {"FLIP": 0}}},
      "RECIPES['mine']['NETWORKS'][('airnet_m', 'airnet_xs')]['FLIP'] = 0: must be True or False"),
+    ({"EPOCH": 5}, "RECIPES['mine']['EPOCH'] = 5: no such setting; did you mean EPOCHS?"),
+    ({"DATASETS": {"cifar100": {"ALPHA": 1, "TEMPRATURE": 1}}},
+     "RECIPES['mine']['DATASETS']['cifar100']['TEMPRATURE'] = 1: no such setting; did you mean TEMPERATURE?"),
+    ({"DATASETS": {"cifar-100": {"ALPHA": 1}}},
+     f"RECIPES['mine']['DATASETS']['cifar-100'] = {{'ALPHA': 1}}: {config.RULES['DATASET']('cifar-100')}"),
+    ({"NETWORKS": {("airnet_m", "resnet8x2"): {"LR": 0.1}}},
+     f"RECIPES['mine']['NETWORKS'][('airnet_m', 'resnet8x2')] = {{'LR': 0.1}}: {config.RULES['STUDENT']('resnet8x2')}"),
 ]  # fmt: skip
 
 
