@@ -368,7 +368,6 @@ def main(argv=None):
         config.fail("workers", "must be >= 0")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
-    runtime.reuse_freed_memory()
     out = output_file(cfg, "latency.json" if cfg["latency"] else "precision.json" if cfg["precision"] else "bench.json")
     if cfg["latency"]:
         warn_if_busy()
@@ -376,6 +375,7 @@ def main(argv=None):
     if cfg["precision"]:
         return precision(cfg, out)
     device = runtime.device(cfg["DEVICE"])
+    runtime.reuse_freed_memory(device)
     batches = max(cfg["BATCH_SIZE"], 256) * (steps + 3)  # 3 warm-up and the timed steps: training, or inference by 256
     needed = batches + 256
     dataset = load_images(cfg, needed)

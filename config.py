@@ -418,21 +418,24 @@ def _settings(values, written, given, prog):
 
 
 def _check_recipe(top, recipe, known, prog):
-    """Refuse a name in the recipe that no code reads (a misspelt setting, dataset or network would be
-    ignored without a word)."""
+    """Refuse a key of the recipe that names no setting, dataset or network: misspelt, it would be ignored
+    without a word."""
 
-    def settings(where, names):
+    def settings(where, names, groups=()):
         for name, value in names.items():
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                _refuse(f"{where}[{name!r}]", value, f"no such setting{hint}", prog)
+            if name not in known and name not in groups:
+                close = difflib.get_close_matches(str(name).upper(), [*known, *groups], n=1)
+                hint = f"did you mean {close[0]}?" if close else "the settings are the constants of config.py"
+                _refuse(f"{where}[{name!r}]", value, f"no such setting; {hint}", prog)
 
-    settings(top, {k: v for k, v in recipe.items() if k not in ("DATASETS", "NETWORKS")})
+    settings(top, recipe, groups=("DATASETS", "NETWORKS"))
     for group, rule in (("DATASETS", RULES["DATASET"]), ("NETWORKS", RULES["STUDENT"])):
         for key, names in recipe.get(group, {}).items():
             where = f"{top}[{group!r}][{key!r}]"
-            problem = next(filter(None, map(rule, key if isinstance(key, tuple) else (key,))), None)
+            pair = group == "NETWORKS" and isinstance(key, tuple)
+            if pair and len(key) != 2:
+                _refuse(where, names, "must be keyed by a student's name or a (teacher, student) pair", prog)
+            problem = next(filter(None, map(rule, key if pair else [key])), None)
             if problem:
                 _refuse(where, names, problem, prog)
             settings(where, names)

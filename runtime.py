@@ -3,7 +3,7 @@ deterministic kernels, and the memory freed tensors leave."""
 
 import ctypes
 import os
-import sys
+import platform
 
 import torch
 
@@ -41,24 +41,21 @@ def make_deterministic():
     torch.backends.cudnn.deterministic = True
 
 
-def reuse_freed_memory():
+def reuse_freed_memory(device):
     """Keep the memory of freed tensors in the process for the next step's.
 
     glibc hands a freed block above its mmap threshold back to the system, and
     trims the free top of its heap past twice that threshold (both move with
-    the blocks freed so far); training steps then fault their activations
-    into fresh zeroed pages. With both limits fixed high, the CIFAR-10
-    pipeline faults a half to a ninth as often and runs 2 to 5% faster on 2
-    cores of an Intel Xeon with AMX (a short run that has freed no large block
-    yet, 10 to 20%), with the same results bit for bit. Returns whether glibc
-    took the settings (elsewhere it does nothing)."""
-    if not sys.platform.startswith("linux"):
+    the blocks freed so far); CPU training steps then fault their activations
+    into fresh zeroed pages. With both limits fixed high the CIFAR-10 pipeline
+    faults 2 to 9 times less often and runs 2 to 5% faster (docs/speed.md),
+    with the same results bit for bit. Returns whether the settings were
+    taken: only glibc has them, and only a run on the CPU gains."""
+    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (musl)
-        return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    # 32 MB: the largest mmap threshold glibc documents on 64-bit systems
     return bool(mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30))
 
 

@@ -366,7 +366,7 @@ def set_up(cfg):
         sys.stdout = open(os.devnull, "w")
     if cfg["THREADS"]:
         torch.set_num_threads(cfg["THREADS"])
-    runtime.reuse_freed_memory()
+    runtime.reuse_freed_memory(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -152,9 +152,11 @@ def test_bench_profile_writes_the_parts_of_each_path(tmp_path):
 
 
 CHURN = """
-import ctypes, resource, sys
-import runtime
-took = {call} and runtime.reuse_freed_memory()
+import ctypes, resource
+if {call}:
+    import torch
+    import runtime
+    assert runtime.reuse_freed_memory(torch.device("cpu"))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 def step():  # a training step's activations: blocks of 8 MB, written, then freed
@@ -168,19 +170,20 @@ step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):
     step()
-print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's settings")
 def test_freed_memory_is_reused_without_new_page_faults():
     """8 steps write 8 x 24 MB (49,152 pages of 4 KB); under glibc's defaults the heap is trimmed after
     each step, and the pages fault in again."""
-    runs = {}
+    faults = {}
     for call in (False, True):
         done = subprocess.run([sys.executable, "-c", CHURN.format(call=call)], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        runs[call] = done.stdout.split()
-    assert runs[True][0] == "True"
-    with_call, without = int(runs[True][1]), int(runs[False][1])
-    assert with_call < 100 and with_call <= without // 100, runs  # 0 against 55,039 on XEON-AMX
+        faults[call] = int(done.stdout)
+    if faults[False] < 10_000:  # 55,039 on XEON-AMX; huge pages would hide the trimming
+        pytest.skip(f"glibc's defaults fault only {faults[False]} pages here: nothing to reuse")
+    assert faults[True] < 100, faults
