@@ -178,7 +178,8 @@ def tiny_cifar10(tmp_path_factory):
     return write_cifar10(tmp_path_factory.mktemp("data"), per_class_train=3, per_class_test=1).parent
 
 
-TINY = "--teacher airnet_s --student airnet_xs --batch-size 16 --val-size 10 --device cpu".split()
+TINY = ("--teacher airnet_s --student airnet_xs --batch-size 16 --val-size 10 --device cpu "
+        "--no-compression-report").split()  # fmt: skip
 FORMS = {  # an edit of config.py -> the settings the distilled stage was trained with, and --help's defaults
     "one number per stage": (
         {"EPOCHS": "1", "LR": "8e-3"},

@@ -260,6 +260,7 @@ def test_paper_recipe_sets_the_benchmark_settings_and_explicit_flags_win(tmp_pat
         "16",
         "--device",
         "cpu",
+        "--no-compression-report",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     used = checkpoint.load(tmp_path / "out" / "cifar10" / "student.pt")["config"]
