@@ -538,15 +538,21 @@ def git_commit(folder=None):
         return None, None, None
 
 
+KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # keep torch off a CPU's best kernels
+
+
 def device_name(device):
-    """The GPU's name, or the CPU's with its core count and kind (which sets bf16's cost)."""
+    """The GPU's name, or the CPU's with its core count and kind (which sets
+    bf16's cost), and the kernel limits set in the environment: a run on an
+    AMX CPU held to AVX2 kernels is not an AMX run."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
         name = models[0].strip() if models else name
-    return f"{name}, {all_cores()} cores, {cpu_kind()}"
+    limits = ", ".join(f"{limit}={os.environ[limit]}" for limit in KERNEL_LIMITS if os.environ.get(limit))
+    return f"{name}, {all_cores()} cores, {cpu_kind()}" + (f", kernels limited by {limits}" if limits else "")
 
 
 def busy_cpu():

@@ -184,6 +184,17 @@ def test_outside_a_git_checkout_there_is_no_commit(monkeypatch):
     assert "not a git checkout" in report.run_markdown(report.run_info(3, torch.device("cpu"), False, git))
 
 
+def test_the_cpu_name_says_when_the_environment_limits_its_kernels(monkeypatch):
+    for limit in report.KERNEL_LIMITS:
+        monkeypatch.delenv(limit, raising=False)
+    plain = report.device_name(torch.device("cpu"))
+    assert "kernels limited" not in plain and f"{report.all_cores()} cores, {report.cpu_kind()}" in plain
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    limited = report.device_name(torch.device("cpu"))
+    assert limited == f"{plain}, kernels limited by ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2"
+
+
 @pytest.mark.slow
 def test_a_run_writes_curves_the_compression_report_and_its_provenance(tmp_path):
     write_cifar10(tmp_path / "data", per_class_train=4, per_class_test=2)
