@@ -247,6 +247,10 @@ def test_the_teachers_route_reaches_the_distilled_stage_and_a_teacher_without_on
     assert make(tmp_path / "out", "--student-init", "teacher", "--teacher", "airnet_m").rows["distilled"].settings == (
         "airnet_xs, 1 epoch, lr 0.008, method kd, temperature 2, alpha 0.5, student from the teacher"
     )
+    assert make(tmp_path / "out", "--teacher", "resnet8").rows["distilled"].settings == (  # auto, where it cannot
+        "airnet_xs, 1 epoch, lr 0.008, method kd, temperature 2, alpha 0.5, student from random weights (auto: the "
+        "teacher has no tensor whiten.weight)"
+    )
     assert one_line_exit(capsys, make, tmp_path / "out", "--teacher-mirror", "--method", "fitnet") == (
         "argument --teacher-mirror: fitnet learns from the teacher's features, which the mirror does not average (it "
         "averages logits); leave it off, or choose kd, dkd or lskd"
