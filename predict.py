@@ -23,6 +23,7 @@ Exit status: 0 when every file was classified, 1 when any failed, 2 for a
 usage error (bad flag, missing or unusable checkpoint).
 """
 
+import collections
 import json
 import sys
 import time
@@ -107,21 +108,37 @@ def load_model(path, how, device):
 
 
 def expand(paths, recursive, evaluate):
-    """(file, None) for every input image, or (path, error) for an unusable input."""
+    """(file, None) for every input image, or (path, error) for an unusable
+    input. A folder's other files are skipped, and said to be (by extension),
+    so that photos in a format it cannot read (HEIC, RAW) are not missed
+    without a word."""
     items = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             pattern = "**/*" if (recursive or evaluate) else "*"
-            found = sorted(
-                p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in datafiles.IMAGE_EXTENSIONS
-            )
-            items += [(p, None) for p in found] or [(path, "folder holds no image files")]
+            files = sorted(p for p in path.glob(pattern) if p.is_file())
+            found = [p for p in files if p.suffix.lower() in datafiles.IMAGE_EXTENSIONS]
+            skipped = skipped_files(p for p in files if p.suffix.lower() not in datafiles.IMAGE_EXTENSIONS)
+            if found and skipped:
+                sys.stderr.write(f"{PROG}: {path}: skipped {skipped}\n")
+            empty = "folder holds no image files" + (f"; it has {skipped}" if skipped else "")
+            items += [(p, None) for p in found] or [(path, empty)]
         elif path.exists():
             items.append((path, None))
         else:
             items.append((path, "no such file or folder"))
     return items
+
+
+def skipped_files(files):
+    """'2 .heic, 1 .txt (not images it reads: .bmp ... .webp)' for these
+    files, or '' for none; hidden files (.DS_Store) are not counted."""
+    counts = collections.Counter(p.suffix.lower() or "without extension" for p in files if not p.name.startswith("."))
+    if not counts:
+        return ""
+    readable = " ".join(sorted(datafiles.IMAGE_EXTENSIONS))
+    return f"{', '.join(f'{n} {suffix}' for suffix, n in counts.most_common())} (not images it reads: {readable})"
 
 
 def refuse_whole_dataset(paths):

@@ -86,8 +86,15 @@ def test_folder_input_is_sorted_and_recursive_is_opt_in(trained, tmp_path, good)
     for name in ("b.png", "a.png", "sub/c.png"):
         shutil.copy(good, folder / name)
     (folder / "notes.txt").write_text("not an image")
-    flat = json.loads(predict(checkpoint, folder, "--json").stdout)
+    for name in ("IMG_1.HEIC", "IMG_2.heic", ".DS_Store"):  # phone photos this cannot read; a hidden file
+        (folder / name).write_bytes(b"\0" * 16)
+    result = predict(checkpoint, folder, "--json")
+    flat = json.loads(result.stdout)
     assert [os.path.basename(i["file"]) for i in flat] == ["a.png", "b.png"]
+    readable = " ".join(sorted(datafiles.IMAGE_EXTENSIONS))
+    assert result.returncode == 0 and result.stderr.splitlines() == [
+        f"predict.py: {folder}: skipped 2 .heic, 1 .txt (not images it reads: {readable})"
+    ]
     deep = json.loads(predict(checkpoint, folder, "--json", "--recursive").stdout)
     assert sorted(os.path.basename(i["file"]) for i in deep) == ["a.png", "b.png", "c.png"]
 
@@ -174,7 +181,7 @@ BAD_FILES = {
     "truncated-jpeg": "cannot read image",
     "bomb": "too large",
     "tiny": "1x1",
-    "empty-folder": "no image files",
+    "empty-folder": "folder holds no image files; it has 1 .txt (not images it reads: .bmp .gif .jpeg",
 }
 
 
