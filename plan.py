@@ -252,11 +252,9 @@ def settings(cfg, stage):
     text += f"lr {cfg['LR'][index]:g}"
     if stage == "distilled":
         text += f", method {cfg['METHOD']}, temperature {cfg['TEMPERATURE']:g}, alpha {cfg['ALPHA']:g}"
-        from_teacher = distill.starts_from_teacher(cfg)
-        random_under_auto = cfg["STUDENT_INIT"] == "auto" and not from_teacher
-        problem = models.selection_problem(cfg["STUDENT"], cfg["TEACHER"]) if random_under_auto else None
-        chosen = [("student from the teacher", from_teacher),
-                  (f"student from random weights (auto: {problem})", random_under_auto),
+        problem = models.selection_problem(cfg["STUDENT"], cfg["TEACHER"])  # cached (starts_from_teacher asks too)
+        chosen = [("student from the teacher", distill.starts_from_teacher(cfg)),
+                  (f"student from random weights (auto: {problem})", cfg["STUDENT_INIT"] == "auto" and problem),
                   ("route", cfg["ROUTE"]), ("mirrored teacher", cfg["TEACHER_MIRROR"])]  # fmt: skip
         text += "".join(f", {words}" for words, on in chosen if on)
     return text

@@ -109,32 +109,33 @@ def load_model(path, how, device):
 
 def expand(paths, recursive, evaluate):
     """(file, None) for every input image, or (path, error) for an unusable
-    input. A folder's other files are skipped, and said to be (by extension),
-    so that photos in a format it cannot read (HEIC, RAW) are not missed
-    without a word."""
-    items = []
+    input; and a note for each folder whose other files were skipped, named by
+    extension, so that photos in a format it cannot read (HEIC, RAW) are not
+    missed without a word."""
+    items, notes = [], []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             pattern = "**/*" if (recursive or evaluate) else "*"
             files = sorted(p for p in path.glob(pattern) if p.is_file())
             found = [p for p in files if p.suffix.lower() in datafiles.IMAGE_EXTENSIONS]
-            skipped = skipped_files(p for p in files if p.suffix.lower() not in datafiles.IMAGE_EXTENSIONS)
+            skipped = skipped_files(path, (p for p in files if p.suffix.lower() not in datafiles.IMAGE_EXTENSIONS))
             if found and skipped:
-                sys.stderr.write(f"{PROG}: {path}: skipped {skipped}\n")
+                notes.append(f"{PROG}: {path}: skipped {skipped}")
             empty = "folder holds no image files" + (f"; it has {skipped}" if skipped else "")
             items += [(p, None) for p in found] or [(path, empty)]
         elif path.exists():
             items.append((path, None))
         else:
             items.append((path, "no such file or folder"))
-    return items
+    return items, notes
 
 
-def skipped_files(files):
-    """'2 .heic, 1 .txt (not images it reads: .bmp ... .webp)' for these
-    files, or '' for none; hidden files (.DS_Store) are not counted."""
-    counts = collections.Counter(p.suffix.lower() or "without extension" for p in files if not p.name.startswith("."))
+def skipped_files(folder, files):
+    """'2 .heic, 1 .txt (not images it reads: .bmp ... .webp)' for these files
+    of `folder`, or '' for none; hidden ones (.DS_Store, .git/) are not counted."""
+    shown = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    counts = collections.Counter(p.suffix.lower() or "without extension" for p in shown)
     if not counts:
         return ""
     readable = " ".join(sorted(datafiles.IMAGE_EXTENSIONS))
@@ -270,9 +271,11 @@ def main(argv=None):
         how = config.how_to_train(dataset, cfg["OUT_DIR"])
     model, checkpoint = load_model(path, how, device)
     classes = checkpoint["classes"]
-    items = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
-    if cfg["evaluate"]:
+    items, notes = expand(cfg["paths"], cfg["recursive"], cfg["evaluate"])
+    if cfg["evaluate"]:  # the note is for folders of photos, not for the class folders it scores
         items = recorded_test_images(items, cfg["paths"], Path(path).parent / datafiles.SPLIT_FILE, classes)
+    else:
+        sys.stderr.write("".join(f"{note}\n" for note in notes))
 
     k = min(cfg["top_k"], len(classes))
     started = time.perf_counter()

@@ -538,21 +538,30 @@ def git_commit(folder=None):
         return None, None, None
 
 
-KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # keep torch off a CPU's best kernels
-
-
 def device_name(device):
     """The GPU's name, or the CPU's with its core count and kind (which sets
-    bf16's cost), and the kernel limits set in the environment: a run on an
-    AMX CPU held to AVX2 kernels is not an AMX run."""
+    bf16's cost), and the kernels the environment sets: a run on an AMX CPU
+    held to AVX2 kernels is not an AMX run."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.M)
         name = models[0].strip() if models else name
-    limits = ", ".join(f"{limit}={os.environ[limit]}" for limit in KERNEL_LIMITS if os.environ.get(limit))
-    return f"{name}, {all_cores()} cores, {cpu_kind()}" + (f", kernels limited by {limits}" if limits else "")
+    return f"{name}, {all_cores()} cores, {cpu_kind()}" + "".join(f", {limit}" for limit in kernel_limits())
+
+
+def kernel_limits():
+    """The environment's hold on torch's CPU kernels: ATen's vector width as
+    torch applies it (it ignores a value it does not know, AVX2 in capitals
+    among them), and oneDNN's ISA ceiling as set."""
+    limits = []
+    if aten := os.environ.get("ATEN_CPU_CAPABILITY"):
+        limits.append(f"ATen {torch.backends.cpu.get_cpu_capability()} kernels (ATEN_CPU_CAPABILITY={aten})")
+    limits += [
+        f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(name)
+    ]
+    return limits
 
 
 def busy_cpu():

@@ -105,7 +105,7 @@ def test_evaluate_on_a_split_tree_scores_its_recorded_test_images_alone(tmp_path
     root = class_tree(tmp_path / "pets", per_class=2)
     split = {"root": str(root.resolve()), "seed": 0, "test_fraction": 0.5, "test": ["cat/0001.png", "dog/0000.png"]}
     (tmp_path / "split.json").write_text(json.dumps(split))
-    items = predict.expand([str(root), str(tmp_path / "other.png")], False, True)
+    items, _ = predict.expand([str(root), str(tmp_path / "other.png")], False, True)
     kept = predict.recorded_test_images(items, [str(root)], tmp_path / "split.json", ["cat", "dog", "fish"])
     assert [p for p, _ in kept] == [root / "cat" / "0001.png", root / "dog" / "0000.png", tmp_path / "other.png"]
     assert f"evaluating the 2 test images recorded in {tmp_path / 'split.json'}" in capsys.readouterr().err

@@ -86,7 +86,8 @@ def test_folder_input_is_sorted_and_recursive_is_opt_in(trained, tmp_path, good)
     for name in ("b.png", "a.png", "sub/c.png"):
         shutil.copy(good, folder / name)
     (folder / "notes.txt").write_text("not an image")
-    for name in ("IMG_1.HEIC", "IMG_2.heic", ".DS_Store"):  # phone photos this cannot read; a hidden file
+    (folder / ".git").mkdir()
+    for name in ("IMG_1.HEIC", "IMG_2.heic", ".DS_Store", ".git/HEAD"):  # phone photos it cannot read; hidden files
         (folder / name).write_bytes(b"\0" * 16)
     result = predict(checkpoint, folder, "--json")
     flat = json.loads(result.stdout)
@@ -95,8 +96,12 @@ def test_folder_input_is_sorted_and_recursive_is_opt_in(trained, tmp_path, good)
     assert result.returncode == 0 and result.stderr.splitlines() == [
         f"predict.py: {folder}: skipped 2 .heic, 1 .txt (not images it reads: {readable})"
     ]
-    deep = json.loads(predict(checkpoint, folder, "--json", "--recursive").stdout)
+    result = predict(checkpoint, folder, "--json", "--recursive")
+    deep = json.loads(result.stdout)
     assert sorted(os.path.basename(i["file"]) for i in deep) == ["a.png", "b.png", "c.png"]
+    assert result.stderr.splitlines() == [
+        f"predict.py: {folder}: skipped 2 .heic, 1 .txt (not images it reads: {readable})"
+    ]
 
 
 @pytest.mark.slow
@@ -262,6 +267,7 @@ def test_evaluate_with_foreign_folder_names_says_so(trained, tmp_path, good):
     checkpoint, _ = trained
     (tmp_path / "tree" / "zebra").mkdir(parents=True)
     shutil.copy(good, tmp_path / "tree" / "zebra" / "z.png")
+    (tmp_path / "tree" / "zebra" / "notes.txt").write_text("not an image")  # no note beside the error
     result = predict(checkpoint, tmp_path / "tree", "--evaluate")
     assert_one_line_error(result, "zebra", "not among", code=2)
 

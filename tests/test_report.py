@@ -2,9 +2,11 @@
 the compression report, curves.png and the run's provenance."""
 
 import json
+import os
 import re
 import struct
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 import bench
 import models
 import report
-from conftest import FAST, run_script, write_cifar10
+from conftest import FAST, ROOT, run_script, write_cifar10
 
 STAGES = ("teacher", "student", "distilled")
 
@@ -184,15 +186,30 @@ def test_outside_a_git_checkout_there_is_no_commit(monkeypatch):
     assert "not a git checkout" in report.run_markdown(report.run_info(3, torch.device("cpu"), False, git))
 
 
-def test_the_cpu_name_says_when_the_environment_limits_its_kernels(monkeypatch):
-    for limit in report.KERNEL_LIMITS:
-        monkeypatch.delenv(limit, raising=False)
+def test_the_cpu_name_says_which_kernels_the_environment_sets(monkeypatch):
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     plain = report.device_name(torch.device("cpu"))
-    assert "kernels limited" not in plain and f"{report.all_cores()} cores, {report.cpu_kind()}" in plain
+    assert plain.endswith(f"{report.all_cores()} cores, {report.cpu_kind()}")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    limited = report.device_name(torch.device("cpu"))
-    assert limited == f"{plain}, kernels limited by ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # torch reads it once, at start
+    assert report.device_name(torch.device("cpu")) == (
+        f"{plain}, ATen AVX2 kernels (ATEN_CPU_CAPABILITY=avx2), ONEDNN_MAX_CPU_ISA=AVX2"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("typed", ["avx2", "AVX2"])
+def test_the_cpu_name_gives_the_aten_kernels_torch_applies(typed):
+    """torch takes ATEN_CPU_CAPABILITY in lower case only: the name gives what it applied, not what was typed."""
+    code = "import torch, report\nprint(report.device_name(torch.device('cpu')))\n"
+    code += "print(torch.backends.cpu.get_cpu_capability())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": typed}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    name, applied = result.stdout.splitlines()
+    assert applied == "AVX2" or typed != "avx2"
+    assert name.endswith(f", ATen {applied} kernels (ATEN_CPU_CAPABILITY={typed})")
 
 
 @pytest.mark.slow
