@@ -369,6 +369,7 @@ def parse(argv=None, description=None, names=None, extra=None):
     a function that adds program-specific arguments to the parser; their
     values come back under their lowercase dest names. --help shows each
     default as config.py writes it, in the form typed on the command line."""
+    _check_constants(_constants())
     written, values = _constants(), defaults()
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", Path(__file__).read_text(), flags=re.M))
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
@@ -415,6 +416,20 @@ def _settings(values, written, given, prog):
         if problem:
             _refuse(*source[name], problem, prog)
     return cfg
+
+
+def _check_constants(written, prog=None):
+    """Refuse a constant that names no setting (misspelt, it would be ignored
+    without a word) and a setting whose constant is gone (renamed or deleted),
+    in one line each: KINDS lists every setting."""
+    for name in sorted(written.keys() - KINDS.keys()):
+        close = difflib.get_close_matches(name, KINDS, n=1)
+        hint = f"did you mean {close[0]}?" if close else "a new setting also needs its type in KINDS"
+        _refuse(name, written[name], f"no such setting; {hint}", prog)
+    if missing := sorted(KINDS.keys() - written.keys()):
+        sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: error: config.py sets no {', '.join(missing)} (renamed "
+                         f"or deleted?); put the line back (git diff config.py shows it)\n")  # fmt: skip
+        raise SystemExit(2)
 
 
 def _check_recipe(top, recipe, known, prog):

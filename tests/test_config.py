@@ -95,6 +95,28 @@ def test_a_constant_that_cannot_be_used_is_one_line_naming_it_in_config_py(edit,
     assert capsys.readouterr().err == f"train.py: error: config.py: {name} = {value!r}: {accepts}\n"
 
 
+MISNAMED = [  # constants added, renamed or deleted -> the one line
+    ({"TEMPRATURE": 4.0}, (), "config.py: TEMPRATURE = 4.0: no such setting; did you mean TEMPERATURE?"),
+    ({"SEEED": 1}, ("SEED",), "config.py: SEEED = 1: no such setting; did you mean SEED?"),
+    ({"MY_KNOB": 3}, (), "config.py: MY_KNOB = 3: no such setting; a new setting also needs its type in KINDS"),
+    ({}, ("SEED", "DKD_BETA"), "config.py sets no DKD_BETA, SEED (renamed or deleted?); put the line back (git diff "
+                               "config.py shows it)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("added,deleted,line", MISNAMED, ids=["misspelt", "renamed", "new", "deleted"])
+@pytest.mark.parametrize("program", ["train.py", "predict.py"])
+def test_a_constant_misnamed_in_config_py_is_one_line(monkeypatch, capsys, added, deleted, line, program):
+    monkeypatch.setattr(sys, "argv", [program])
+    for name, value in added.items():
+        monkeypatch.setattr(config, name, value, raising=False)
+    for name in deleted:
+        monkeypatch.delattr(config, name)
+    with pytest.raises(SystemExit) as stop:
+        config.parse([], names=["OUT_DIR", "DEVICE"] if program == "predict.py" else None)
+    assert stop.value.code == 2 and capsys.readouterr().err == f"{program}: error: {line}\n"
+
+
 def test_a_bad_typed_value_is_still_named_by_its_flag(edit, capsys):
     with pytest.raises(SystemExit) as stop:
         config.parse(["--epochs", "0"])
