@@ -334,7 +334,7 @@ def how_to_train(dataset, out_dir):
         command += " --data-dir <folder of <class>/ folders, or of train/ and test/>"
     if Path(out_dir) != Path(OUT_DIR):
         command += f" --out-dir {shlex.quote(str(out_dir))}"
-    return f"train one with: {command}"
+    return f"train one with: {command}; or, where train.py wrote elsewhere, give its --out-dir, or --checkpoint PATH"
 
 
 def _tuple_type(name, kind):

@@ -76,7 +76,10 @@ def usage_error(message):
 def default_checkpoint(out_dir, dataset):
     """(OUT_DIR/<dataset>/distilled.pt, dataset). Without --dataset, the
     dataset is the one under OUT_DIR that has a distilled.pt, if only one does:
-    after train.py --dataset folder, a bare predict.py uses what it trained."""
+    after train.py --dataset folder, a bare predict.py uses what it trained;
+    an OUT_DIR that holds a distilled.pt itself is taken as a dataset's folder."""
+    if dataset is None and (Path(out_dir) / "distilled.pt").is_file():  # --out-dir named the dataset's folder itself
+        return Path(out_dir) / "distilled.pt", Path(out_dir).resolve().name
     if dataset is None:
         found = sorted(path.parent.name for path in Path(out_dir).glob("*/distilled.pt"))
         if len(found) > 1:

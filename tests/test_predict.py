@@ -341,9 +341,11 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, good):
 @pytest.mark.parametrize(
     "dataset,how",
     [
-        ("cifar100", "train one with: python3 train.py --dataset cifar100 --out-dir {out}"),
+        ("cifar100", "train one with: python3 train.py --dataset cifar100 --out-dir {out}; or, where train.py wrote "
+                     "elsewhere, give its --out-dir, or --checkpoint PATH"),
         ("folder", "train one with: python3 train.py --dataset folder --data-dir <folder of <class>/ folders, or "
-                   "of train/ and test/> --out-dir {out}"),
+                   "of train/ and test/> --out-dir {out}; or, where train.py wrote elsewhere, give its --out-dir, or "
+                   "--checkpoint PATH"),
         ("imagenet", "'imagenet' is not a dataset train.py trains (cifar10, cifar100, fashion-mnist, folder); if it is "
                      "a folder of your own images, train one with: python3 train.py --dataset folder --data-dir "
                      "<path to imagenet/> --out-dir {out}; else give --checkpoint PATH"),
@@ -364,6 +366,8 @@ def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, 
     result = run_script("predict.py", "--out-dir", tmp_path, good)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split(": ")[1].split()[0] in CLASSES
+    inside = run_script("predict.py", "--out-dir", tmp_path / "folder", good)  # the dataset's folder given as --out-dir
+    assert inside.returncode == 0 and inside.stdout == result.stdout, inside.stderr
     explicit = run_script("predict.py", "--out-dir", tmp_path, "--dataset", "cifar10", good)  # as before
     assert_one_line_error(explicit, "cifar10/distilled.pt", "python3 train.py --dataset cifar10", code=2)
     (tmp_path / "cifar100").mkdir()
