@@ -145,6 +145,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 PER_STAGE = {"EPOCHS", "LR"}  # one number sets the teacher, student and distilled stages alike
+FOLDER_ONLY = {"IMAGE_SIZE", "TEST_FRACTION"}  # what resizes and splits a folder dataset: no other dataset's concern
 KINDS = {  # constant -> the type the code sees; (type,) for a tuple of them, comma-separated on the command line
     **dict.fromkeys(("DATASET", "DATA_DIR", "OUT_DIR", "TEACHER", "STUDENT", "TEACHER_CHECKPOINT", "STAGES", "METHOD",
                      "RECIPE", "OPTIMIZER", "LR_SCHEDULE", "DEVICE", "AMP", "STUDENT_INIT"), str),
@@ -165,16 +166,16 @@ def shaping(cfg, stage):
     """The settings that shape `stage`'s result, by name: all but the runtime
     ones, with this stage's entry of the per-stage ones; the distillation
     settings and the teacher's name count for the distilled stage alone, the
-    student's name for the two student stages; the test fraction for a
-    folder dataset alone."""
+    student's name for the two student stages; FOLDER_ONLY for a folder
+    dataset alone."""
     index, shaped = STAGE_NAMES.index(stage), {}
     for name, value in cfg.items():
         if name in RUNTIME_SETTINGS or not name.isupper():
             continue
         if stage != "distilled" and (name.startswith(DISTILLATION_SETTINGS) or name == "TEACHER" and index > 0):
             continue
-        if stage == "teacher" and name == "STUDENT" or name == "TEST_FRACTION" and cfg.get("DATASET") != "folder":
-            continue  # TEST_FRACTION splits a folder dataset alone
+        if stage == "teacher" and name == "STUDENT" or name in FOLDER_ONLY and cfg.get("DATASET") != "folder":
+            continue
         shaped[name] = value[index] if name in PER_STAGE else list(value) if isinstance(value, tuple) else value
     return shaped
 
@@ -457,4 +458,4 @@ def _check_recipe(top, recipe, known, prog):
 
 
 _NOT_KNOBS = {"RECIPES", "RUNTIME_SETTINGS", "DISTILLATION_SETTINGS", "ADDED_SETTINGS", "STAGE_NAMES", "PER_STAGE",
-              "KINDS", "KIND_WORDS", "SHAPES", "POSITIVE", "NON_NEGATIVE", "RULES"}  # fmt: skip
+              "FOLDER_ONLY", "KINDS", "KIND_WORDS", "SHAPES", "POSITIVE", "NON_NEGATIVE", "RULES"}  # fmt: skip

@@ -160,11 +160,13 @@ def test_output_to_a_file_says_where_an_epoch_is_every_so_often(capsys):
     )
 
 
-def test_the_test_fraction_shapes_a_folder_dataset_alone():
+def test_the_test_fraction_and_image_size_shape_a_folder_dataset_alone():
     cfg = config.defaults()
     older = {k: v for k, v in cfg.items() if k != "TEST_FRACTION"}  # a checkpoint saved before the constant
     assert config.differences(older, cfg, "teacher") == []
+    assert config.differences({**cfg, "IMAGE_SIZE": 16}, cfg, "teacher") == []  # CIFAR's images keep their size
     folder = {**cfg, "DATASET": "folder"}
-    assert config.differences({**folder, "TEST_FRACTION": 0.5}, folder, "teacher") == [
-        "--test-fraction 0.5 then, 0.2 now"
+    assert config.differences({**folder, "TEST_FRACTION": 0.5, "IMAGE_SIZE": 16}, folder, "teacher") == [
+        "--image-size 16 then, 32 now",
+        "--test-fraction 0.5 then, 0.2 now",
     ]
