@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
@@ -139,9 +139,10 @@ def load_image(path, size, channels=3, max_pixels=MAX_PIXELS):
     except PermissionError:
         raise DataError(f"{path}: permission denied; make the file readable") from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise DataError(
-            f"{path}: cannot read image ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-        ) from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, UnidentifiedImageError):  # not an image, or one Pillow cannot decode (HEIC, RAW)
+            reason += f"; it reads {' '.join(sorted(IMAGE_EXTENSIONS))}: convert it to JPEG or PNG"
+        raise DataError(f"{path}: cannot read image ({reason})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

@@ -150,6 +150,7 @@ def make_bad_file(kind, tmp_path, good):
             "missing": "missing.png",
             "empty": "empty.png",
             "text": "text.jpg",
+            "heic": "IMG_0001.HEIC",
             "truncated-png": "cut.png",
             "truncated-jpeg": "cut.jpg",
             "bomb": "bomb.png",
@@ -161,6 +162,8 @@ def make_bad_file(kind, tmp_path, good):
         path.write_bytes(b"")
     elif kind == "text":
         path.write_text("hello, I am not a JPEG")
+    elif kind == "heic":  # an iPhone photo's container, which Pillow cannot open without a plugin
+        path.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
     elif kind == "truncated-png":
         blob = good.read_bytes()
         path.write_bytes(blob[: len(blob) // 2])
@@ -181,7 +184,8 @@ def make_bad_file(kind, tmp_path, good):
 BAD_FILES = {
     "missing": "no such file",
     "empty": "empty file",
-    "text": "cannot read image",
+    "text": "cannot read image (cannot identify image file",
+    "heic": "; it reads .bmp .gif .jpeg .jpg .pbm .pgm .png .ppm .tif .tiff .webp: convert it to JPEG or PNG)",
     "truncated-png": "cannot read image",
     "truncated-jpeg": "cannot read image",
     "bomb": "too large",
