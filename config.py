@@ -209,8 +209,13 @@ def _holds(name, valid):
     return lambda v: None if valid(v) else f"must be {SHAPES[name]}"
 
 
+def stage_list(value):
+    """The stages a STAGES value names, written as a person writes them ("teacher, student") or as a flag."""
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
 def _stages(value):
-    names = [s for s in value.split(",") if s]
+    names = stage_list(value)
     known = STAGE_NAMES
     return None if names and all(n in known for n in names) else f"must be a comma-separated list of {', '.join(known)}"
 

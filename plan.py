@@ -176,7 +176,7 @@ def make(cfg, dataset, device, out_dir, argv=(), program="train.py", torchrun=Fa
     refuse_settings(cfg, dataset)
     decided = Plan(list(argv), program, torchrun, cfg["FRESH"], heading(cfg, dataset, device))
     brought = cfg["TEACHER_CHECKPOINT"]  # a teacher brought along is not trained
-    requested = [s for s in STAGES if s in cfg["STAGES"].split(",") and not (brought and s == "teacher")]
+    requested = [s for s in STAGES if s in config.stage_list(cfg["STAGES"]) and not (brought and s == "teacher")]
     finished, stale = saved_stages(cfg, dataset, out_dir, requested)
     if "distilled" in requested and not brought and not {"teacher", "distilled"} & finished.keys():
         requested = list(dict.fromkeys(["teacher", *requested]))  # the teacher first, where none is saved
@@ -226,7 +226,7 @@ def why_trained(cfg, out_dir, requested, stale):
     reasons = {stage: ["in --stages"] for stage in requested}
     for stage in requested:
         path = out_dir / f"{stage}.pt"
-        if stage not in cfg["STAGES"].split(","):
+        if stage not in config.stage_list(cfg["STAGES"]):
             reasons[stage] = [] if stage in stale else ["distilled needs a teacher and none is saved: training the "
                                                         "teacher first"]  # fmt: skip
         if stage in stale:  # with --fresh (a teacher the distilled stage needs); refuse_stale stops it otherwise

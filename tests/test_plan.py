@@ -63,6 +63,12 @@ def one_line_exit(capsys, check, *args):
     return lines[0].split(": error: ", 1)[1]
 
 
+def test_stages_written_with_spaces_are_the_same_stages(tmp_path):
+    for written in ("teacher, student", " teacher ,student", "teacher,student"):
+        assert actions(make(tmp_path, "--stages", written)) == {"teacher": "train", "student": "train",
+                                                                 "distilled": "skip"}  # fmt: skip
+
+
 def test_an_empty_folder_trains_every_stage_and_prints_the_resolved_settings(tmp_path):
     decided = make(tmp_path, "--dataset", "cifar100")
     assert actions(decided) == {"teacher": "train", "student": "train", "distilled": "train"}
