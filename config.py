@@ -255,13 +255,6 @@ def defaults(prog=None):
     return {name: _normalised(name, name, value, prog) for name, value in _constants().items()}
 
 
-def _kind(name, value):
-    """A constant's entry in KINDS; for one added without an entry, its value's type."""
-    if name in KINDS:
-        return KINDS[name]
-    return (type(value[0]),) if isinstance(value, tuple) and value else type(value)
-
-
 def _scalar(kind, value):
     """`value` as a `kind`: an int does for a float, and nothing else is converted (True is no number, 1 no switch,
     "3" no integer), so that a mistyped constant is refused rather than read some other way."""
@@ -272,10 +265,7 @@ def _scalar(kind, value):
 
 def _coerce(name, value):
     """`value` of constant `name` in the type the code expects: a tuple constant takes a tuple, a list or one
-    number, and one number (or a list of one) sets every stage of a per-stage constant. A name without an entry
-    in KINDS passes as written."""
-    if name not in KINDS:
-        return value
+    number, and one number (or a list of one) sets every stage of a per-stage constant."""
     kind = KINDS[name]
     if not isinstance(kind, tuple):
         return _scalar(kind, value)
@@ -356,9 +346,9 @@ def _tuple_type(name, kind):
     return parse
 
 
-def _option(name, value):
+def _option(name):
     """The add_argument keywords of a constant's flag, from its kind: a switch is --name/--no-name."""
-    kind = _kind(name, value)
+    kind = KINDS[name]
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction}
     if not isinstance(kind, tuple):
@@ -383,7 +373,7 @@ def parse(argv=None, description=None, names=None, extra=None):
     for name in values if names is None else names:
         shown = typed(name, written[name]).split(" ", 1)[-1]
         # no default: only typed flags reach the namespace, so that they win over a recipe
-        parser.add_argument(f"--{flag(name)}", dest=name, default=argparse.SUPPRESS, **_option(name, values[name]),
+        parser.add_argument(f"--{flag(name)}", dest=name, default=argparse.SUPPRESS, **_option(name),
                             help=f"{comments.get(name, '')} (default: {shown})")  # fmt: skip
     if extra:
         extra(parser)

@@ -36,6 +36,7 @@ def test_every_constant_has_a_row_and_every_row_a_constant():
 
 def test_a_constant_added_to_config_without_a_row_is_caught(monkeypatch):
     monkeypatch.setattr(config, "NEW_KNOB", 3, raising=False)
+    monkeypatch.setitem(config.KINDS, "NEW_KNOB", int)  # a new setting has its type in KINDS
     assert "NEW_KNOB" in config.defaults()
     assert drift(readme_rows(), config.defaults()) == (["NEW_KNOB"], [])
 
