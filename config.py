@@ -365,8 +365,9 @@ def parse(argv=None, description=None, names=None, extra=None):
     a function that adds program-specific arguments to the parser; their
     values come back under their lowercase dest names. --help shows each
     default as config.py writes it, in the form typed on the command line."""
-    _check_constants(_constants())
-    written, values = _constants(), defaults()
+    written = _constants()
+    _check_constants(written)
+    values = defaults()
     comments = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", Path(__file__).read_text(), flags=re.M))
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
@@ -414,16 +415,16 @@ def _settings(values, written, given, prog):
     return cfg
 
 
-def _check_constants(written, prog=None):
+def _check_constants(written):
     """Refuse a constant that names no setting (misspelt, it would be ignored
     without a word) and a setting whose constant is gone (renamed or deleted),
     in one line each: KINDS lists every setting."""
     for name in sorted(written.keys() - KINDS.keys()):
         close = difflib.get_close_matches(name, KINDS, n=1)
-        hint = f"did you mean {close[0]}?" if close else "a new setting also needs its type in KINDS"
-        _refuse(name, written[name], f"no such setting; {hint}", prog)
+        hint = f"did you mean {close[0]}?" if close else "a new setting needs its type in KINDS (a helper: _NOT_KNOBS)"
+        _refuse(name, written[name], f"no such setting; {hint}")
     if missing := sorted(KINDS.keys() - written.keys()):
-        sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: error: config.py sets no {', '.join(missing)} (renamed "
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: config.py sets no {', '.join(missing)} (renamed "
                          f"or deleted?); put the line back (git diff config.py shows it)\n")  # fmt: skip
         raise SystemExit(2)
 

@@ -140,7 +140,10 @@ def load_image(path, size, channels=3, max_pixels=MAX_PIXELS):
         raise DataError(f"{path}: permission denied; make the file readable") from None
     except (OSError, ValueError, SyntaxError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if isinstance(error, UnidentifiedImageError):  # not an image, or one Pillow cannot decode (HEIC, RAW)
+        suffix = Path(str(path)).suffix.lower()
+        if isinstance(error, UnidentifiedImageError) and suffix in IMAGE_EXTENSIONS:
+            reason += f"; not a {suffix} image, or damaged: replace or remove it"
+        elif isinstance(error, UnidentifiedImageError):  # a format Pillow cannot decode (HEIC, RAW)
             reason += f"; it reads {' '.join(sorted(IMAGE_EXTENSIONS))}: convert it to JPEG or PNG"
         raise DataError(f"{path}: cannot read image ({reason})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

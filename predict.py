@@ -49,7 +49,8 @@ def add_arguments(parser):
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="checkpoint to use, or an .onnx or .pt2 file of export.py (default: OUT_DIR/DATASET/distilled.pt)",
+        help="checkpoint to use, or an .onnx or .pt2 file of export.py (default: OUT_DIR/DATASET/distilled.pt, or "
+        "OUT_DIR/distilled.pt where --out-dir names a dataset's folder)",
     )
     parser.add_argument("--dataset", default=None, metavar="STR",
                         help="the dataset folder under OUT_DIR whose distilled.pt to use (default: the one that has "
@@ -78,10 +79,13 @@ def default_checkpoint(out_dir, dataset):
     dataset is the one under OUT_DIR that has a distilled.pt, if only one does:
     after train.py --dataset folder, a bare predict.py uses what it trained;
     an OUT_DIR that holds a distilled.pt itself is taken as a dataset's folder."""
-    if dataset is None and (Path(out_dir) / "distilled.pt").is_file():  # --out-dir named the dataset's folder itself
-        return Path(out_dir) / "distilled.pt", Path(out_dir).resolve().name
     if dataset is None:
         found = sorted(path.parent.name for path in Path(out_dir).glob("*/distilled.pt"))
+        if (Path(out_dir) / "distilled.pt").is_file():  # --out-dir named a dataset's folder itself
+            if found:
+                usage_error(f"{out_dir} holds a distilled.pt and {', '.join(f'{d}/distilled.pt' for d in found)}; "
+                            f"pick one with --checkpoint PATH")  # fmt: skip
+            return Path(out_dir) / "distilled.pt", Path(out_dir).resolve().name
         if len(found) > 1:
             usage_error(f"{out_dir} holds a distilled.pt for {len(found)} datasets ({', '.join(found)}); "
                         f"pick one with --dataset NAME or --checkpoint PATH")  # fmt: skip

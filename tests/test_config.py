@@ -98,7 +98,8 @@ def test_a_constant_that_cannot_be_used_is_one_line_naming_it_in_config_py(edit,
 MISNAMED = [  # constants added, renamed or deleted -> the one line
     ({"TEMPRATURE": 4.0}, (), "config.py: TEMPRATURE = 4.0: no such setting; did you mean TEMPERATURE?"),
     ({"SEEED": 1}, ("SEED",), "config.py: SEEED = 1: no such setting; did you mean SEED?"),
-    ({"MY_KNOB": 3}, (), "config.py: MY_KNOB = 3: no such setting; a new setting also needs its type in KINDS"),
+    ({"MY_KNOB": 3}, (), "config.py: MY_KNOB = 3: no such setting; a new setting needs its type in KINDS (a helper: "
+                          "_NOT_KNOBS)"),
     ({}, ("SEED", "DKD_BETA"), "config.py sets no DKD_BETA, SEED (renamed or deleted?); put the line back (git diff "
                                "config.py shows it)"),
 ]  # fmt: skip

@@ -137,6 +137,14 @@ def test_a_stage_of_other_settings_is_left_out_refused_or_retrained_with_fresh(t
     )
 
 
+def test_a_stage_of_images_of_another_size_is_left_out(tmp_path):
+    """Whatever the dataset: a loader of one's own may resize by IMAGE_SIZE, which shapes folder datasets alone."""
+    save_finished(tmp_path, "teacher", settings(), image_size=16)
+    assert make(tmp_path, "--stages", "student").left_out() == {"teacher": ["the images' size (16 then, 32 now)"]}
+    save_finished(tmp_path, "teacher", settings(), image_size=32)
+    assert actions(make(tmp_path, "--stages", "teacher")) == {"teacher": "keep", "student": "skip", "distilled": "skip"}
+
+
 def test_a_distilled_stage_of_another_teacher_is_refused(tmp_path):
     cfg = settings()
     save_finished(tmp_path, "teacher", cfg)

@@ -151,6 +151,7 @@ def make_bad_file(kind, tmp_path, good):
             "empty": "empty.png",
             "text": "text.jpg",
             "heic": "IMG_0001.HEIC",
+            "header-only": "head.jpg",
             "truncated-png": "cut.png",
             "truncated-jpeg": "cut.jpg",
             "bomb": "bomb.png",
@@ -162,6 +163,9 @@ def make_bad_file(kind, tmp_path, good):
         path.write_bytes(b"")
     elif kind == "text":
         path.write_text("hello, I am not a JPEG")
+    elif kind == "header-only":  # a JPEG cut after its first bytes: damaged, not of another format
+        Image.fromarray(coloured_images([0], size=64)[0]).save(tmp_path / "full.jpg", quality=90)
+        path.write_bytes((tmp_path / "full.jpg").read_bytes()[:20])
     elif kind == "heic":  # an iPhone photo's container, which Pillow cannot open without a plugin
         path.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
     elif kind == "truncated-png":
@@ -185,6 +189,7 @@ BAD_FILES = {
     "missing": "no such file",
     "empty": "empty file",
     "text": "cannot read image (cannot identify image file",
+    "header-only": "; not a .jpg image, or damaged: replace or remove it)",
     "heic": "; it reads .bmp .gif .jpeg .jpg .pbm .pgm .png .ppm .tif .tiff .webp: convert it to JPEG or PNG)",
     "truncated-png": "cannot read image",
     "truncated-jpeg": "cannot read image",
@@ -372,6 +377,11 @@ def test_without_dataset_the_one_trained_dataset_under_out_dir_is_used(trained, 
     assert result.stdout.split(": ")[1].split()[0] in CLASSES
     inside = run_script("predict.py", "--out-dir", tmp_path / "folder", good)  # the dataset's folder given as --out-dir
     assert inside.returncode == 0 and inside.stdout == result.stdout, inside.stderr
+    shutil.copy(checkpoint, tmp_path / "distilled.pt")  # one beside the dataset folders as well: which is meant?
+    both = run_script("predict.py", "--out-dir", tmp_path, good)
+    assert_one_line_error(both, f"{tmp_path} holds a distilled.pt and folder/distilled.pt; pick one with --checkpoint "
+                          "PATH", code=2)  # fmt: skip
+    (tmp_path / "distilled.pt").unlink()
     explicit = run_script("predict.py", "--out-dir", tmp_path, "--dataset", "cifar10", good)  # as before
     assert_one_line_error(explicit, "cifar10/distilled.pt", "python3 train.py --dataset cifar10", code=2)
     (tmp_path / "cifar100").mkdir()
