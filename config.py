@@ -420,13 +420,20 @@ def _check_constants(written):
     without a word) and a setting whose constant is gone (renamed or deleted),
     in one line each: KINDS lists every setting."""
     for name in sorted(written.keys() - KINDS.keys()):
-        close = difflib.get_close_matches(name, KINDS, n=1)
-        hint = f"did you mean {close[0]}?" if close else "a new setting needs its type in KINDS (a helper: _NOT_KNOBS)"
-        _refuse(name, written[name], f"no such setting; {hint}")
+        _no_such_setting(
+            name, name, written[name], KINDS, "a new setting needs its type in KINDS (a helper: _NOT_KNOBS)"
+        )
     if missing := sorted(KINDS.keys() - written.keys()):
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: config.py sets no {', '.join(missing)} (renamed "
                          f"or deleted?); put the line back (git diff config.py shows it)\n")  # fmt: skip
         raise SystemExit(2)
+
+
+def _no_such_setting(where, name, value, names, otherwise, prog=None):
+    """Refuse `name`, set in config.py at `where` and none of `names`, with the nearest of them (any case) or
+    `otherwise`."""
+    close = difflib.get_close_matches(str(name).upper(), names, n=1)
+    _refuse(where, value, f"no such setting; {f'did you mean {close[0]}?' if close else otherwise}", prog)
 
 
 def _check_recipe(top, recipe, known, prog):
@@ -436,9 +443,8 @@ def _check_recipe(top, recipe, known, prog):
     def settings(where, names, groups=()):
         for name, value in names.items():
             if name not in known and name not in groups:
-                close = difflib.get_close_matches(str(name).upper(), [*known, *groups], n=1)
-                hint = f"did you mean {close[0]}?" if close else "the settings are the constants of config.py"
-                _refuse(f"{where}[{name!r}]", value, f"no such setting; {hint}", prog)
+                _no_such_setting(f"{where}[{name!r}]", name, value, [*known, *groups],
+                                 "the settings are the constants of config.py", prog)  # fmt: skip
 
     settings(top, recipe, groups=("DATASETS", "NETWORKS"))
     for group, rule in (("DATASETS", RULES["DATASET"]), ("NETWORKS", RULES["STUDENT"])):
