@@ -336,7 +336,8 @@ def load_finished(out_dir, stage, cfg, dataset, teacher_digest=None):
     changed = config.differences(saved["config"], cfg, stage)
     if saved["classes"] != dataset.classes:
         changed.append("the dataset's classes")
-    if saved.get("image_size", dataset.image_size) != dataset.image_size:  # a loader of one's own may resize
+    by_setting = "IMAGE_SIZE" in config.shaping(cfg, stage)  # a folder dataset: the setting names the change
+    if not by_setting and saved.get("image_size", dataset.image_size) != dataset.image_size:  # a loader of one's own
         changed.append(f"the images' size ({saved['image_size']} then, {dataset.image_size} now)")
     if stage == "distilled" and saved["teacher_digest"] != teacher_digest:
         changed.append("the teacher (another teacher.pt)")

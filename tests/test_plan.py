@@ -143,6 +143,9 @@ def test_a_stage_of_images_of_another_size_is_left_out(tmp_path):
     assert make(tmp_path, "--stages", "student").left_out() == {"teacher": ["the images' size (16 then, 32 now)"]}
     save_finished(tmp_path, "teacher", settings(), image_size=32)
     assert actions(make(tmp_path, "--stages", "teacher")) == {"teacher": "keep", "student": "skip", "distilled": "skip"}
+    folder = ["--dataset", "folder", "--data-dir", str(tmp_path)]  # the setting names the change once, not twice
+    save_finished(tmp_path, "teacher", settings(*folder, "--image-size", "16"), image_size=16)
+    assert make(tmp_path, *folder, "--stages", "student").left_out() == {"teacher": ["--image-size 16 then, 32 now"]}
 
 
 def test_a_distilled_stage_of_another_teacher_is_refused(tmp_path):
