@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+READABLE = " ".join(sorted(IMAGE_EXTENSIONS))  # for messages on files it cannot read
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -144,7 +145,7 @@ def load_image(path, size, channels=3, max_pixels=MAX_PIXELS):
         if isinstance(error, UnidentifiedImageError) and suffix in IMAGE_EXTENSIONS:
             reason += f"; not a {suffix} image, or damaged: replace or remove it"
         elif isinstance(error, UnidentifiedImageError):  # a format Pillow cannot decode (HEIC, RAW)
-            reason += f"; it reads {' '.join(sorted(IMAGE_EXTENSIONS))}: convert it to JPEG or PNG"
+            reason += f"; it reads {READABLE}: convert it to JPEG or PNG"
         raise DataError(f"{path}: cannot read image ({reason})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 

@@ -145,8 +145,8 @@ def skipped_files(folder, files):
     counts = collections.Counter(p.suffix.lower() or "without extension" for p in shown)
     if not counts:
         return ""
-    readable = " ".join(sorted(datafiles.IMAGE_EXTENSIONS))
-    return f"{', '.join(f'{n} {suffix}' for suffix, n in counts.most_common())} (not images it reads: {readable})"
+    counted = ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common())
+    return f"{counted} (not images it reads: {datafiles.READABLE})"
 
 
 def refuse_whole_dataset(paths):
